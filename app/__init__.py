@@ -1,0 +1,1 @@
+"""Federated DoRA fine-tuning of medical LLMs on Flower's deployment runtime."""

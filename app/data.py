@@ -1,0 +1,133 @@
+"""Data: the flashcard partitions, FlowerTune's Alpaca prompt, and response-only labels."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+IGNORE_INDEX = -100
+# FlowerTune's prompt (trl formatting function of the FlowerTune LLM template).
+ALPACA_HEADER = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+PROMPT_TEMPLATE = ALPACA_HEADER + "\n### Instruction:\n{instruction}\n### Response:"
+ALPACA_TEMPLATE = PROMPT_TEMPLATE + " {response}"
+REQUIRED_COLUMNS = ("input", "output")  # medalpaca's schema: input -> instruction, output -> response
+
+
+class DataError(ValueError):
+    """The dataset or a row of it is not usable."""
+
+
+@dataclass(frozen=True)
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def format_prompt(instruction: str) -> str:
+    return PROMPT_TEMPLATE.format(instruction=instruction)
+
+
+def tokenize_example(tokenizer: Any, instruction: str, response: str, seq_length: int) -> Example | None:
+    """Prompt and response tokenized apart so the loss mask is exact; None if no response token fits."""
+    prompt_ids = tokenizer(format_prompt(instruction), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + response_ids)[:seq_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:seq_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return Example(input_ids=input_ids, labels=labels)
+
+
+def collate(examples: Sequence[Example], pad_token_id: int) -> dict[str, Any]:
+    """Right-pad to the longest example of the batch (no work on padding beyond that)."""
+    import torch
+
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        labels[row, :n] = torch.tensor(example.labels)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def round_batches(
+    examples: Sequence[Example], *, batch_size: int, steps: int, seed: int, pad_token_id: int
+) -> Iterator[dict[str, Any]]:
+    """`steps` batches of a fresh seeded shuffle (wrapping around a small partition)."""
+    if not examples:
+        raise DataError("the partition has no usable example")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    for step in range(steps):
+        picks = [order[(step * batch_size + i) % len(order)] for i in range(batch_size)]
+        yield collate([examples[i] for i in picks], pad_token_id)
+
+
+def _read_file(path: Path):
+    import datasets
+
+    if not path.is_file():
+        raise DataError(f"dataset file {path}: not found (expected a .json, .jsonl or .parquet file)")
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl"):
+        dataset = datasets.Dataset.from_json(str(path))
+    elif suffix == ".parquet":
+        dataset = datasets.Dataset.from_parquet(str(path))
+    else:
+        raise DataError(f"dataset file {path}: unsupported type {suffix!r} (expected .json, .jsonl or .parquet)")
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+    if missing:
+        raise DataError(
+            f"dataset file {path}: missing column(s) {missing}; found {dataset.column_names}, "
+            f"expected medalpaca's columns {list(REQUIRED_COLUMNS)}"
+        )
+    return dataset
+
+
+def _partition(dataset: Any, partition_id: int, num_partitions: int):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    partitioner = IidPartitioner(num_partitions=num_partitions)
+    partitioner.dataset = dataset
+    return partitioner.load_partition(partition_id)
+
+
+def load_partition_rows(
+    name: str, path: str, partition_id: int, num_partitions: int, node_data_path: str = ""
+) -> list[dict[str, str]]:
+    """Rows {instruction, response} of one node, from (in order of precedence) the node's own file,
+    a local file partitioned IID, the tiny synthetic set, or the hub via flwr-datasets."""
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1} (num-partitions={num_partitions})")
+    if node_data_path:
+        dataset = _read_file(Path(node_data_path))
+    elif path or name == "tiny":
+        from app.tiny import tiny_dataset_path
+
+        dataset = _partition(_read_file(Path(path) if path else tiny_dataset_path()), partition_id, num_partitions)
+    else:
+        from flwr_datasets import FederatedDataset
+        from flwr_datasets.partitioner import IidPartitioner
+
+        federated = FederatedDataset(dataset=name, partitioners={"train": IidPartitioner(num_partitions=num_partitions)})
+        dataset = federated.load_partition(partition_id, "train")
+    return [
+        {"instruction": row["input"], "response": row["output"]}
+        for row in dataset
+        if isinstance(row.get("input"), str) and isinstance(row.get("output"), str) and row["input"].strip() and row["output"].strip()
+    ]
+
+
+def build_examples(rows: Sequence[dict[str, str]], tokenizer: Any, seq_length: int) -> list[Example]:
+    examples = (tokenize_example(tokenizer, r["instruction"], r["response"], seq_length) for r in rows)
+    return [e for e in examples if e is not None]

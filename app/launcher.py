@@ -1,0 +1,300 @@
+"""`fedtune local up`: the whole federation as separate OS processes on one host (no Docker).
+
+SuperLink (one HTTP port for the Fleet, Control and Runtime APIs), a SuperExec running the
+ServerApp, and N SuperNodes (node i: partition i, GPU i mod G) each with its resident trainer.
+It submits the run, shows per-round progress, exits with the run's status and leaves no
+process behind, also on Ctrl-C or when a component dies. `fedtune run` is the submit-and-follow
+half alone, for a federation that is already up (the compose stack's `run` service).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack, closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from app.config import ConfigError, load_settings, parse_overrides
+
+APP_DIR = Path(__file__).resolve().parent.parent  # holds pyproject.toml: what `flwr run` builds
+FEDERATION = "fedtune"
+POLL_SECONDS = 2.0
+
+
+class LaunchError(RuntimeError):
+    """A component failed; the message says which and where its log is."""
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    return dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+
+
+def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None) -> None:
+    """The `flwr` CLI reads SuperLink connections from $FLWR_HOME/config.toml."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    tls = f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true"
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{FEDERATION}"\n\n[superlink.{FEDERATION}]\naddress = "{address}"\n{tls}\n'
+    )
+
+
+def flwr_json(args: list[str], env: dict[str, str], timeout: float = 60) -> Any:
+    done = subprocess.run(["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        return json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise LaunchError(f"`flwr {' '.join(args)}` failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}") from None
+
+
+def online_nodes(env: dict[str, str]) -> int:
+    reply = flwr_json(["supernode", "list", FEDERATION], env)
+    return sum(1 for node in reply.get("nodes", []) if node.get("status") == "online")
+
+
+def run_status(run_id: str, env: dict[str, str]) -> str:
+    reply = flwr_json(["ls", FEDERATION, "--run-id", run_id], env)
+    runs = reply.get("runs", [])
+    return runs[0]["status"] if runs else "unknown"
+
+
+@dataclass
+class Federation:
+    """Processes started by the launcher, each in its own session so it can be stopped whole."""
+
+    log_dir: Path
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")
+        self.processes[name] = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        log.close()
+
+    def check(self, essential: tuple[str, ...]) -> None:
+        for name in essential:
+            code = self.processes[name].poll()
+            if code is not None:
+                raise LaunchError(f"{name} exited with code {code}; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.log_dir / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, grace: float = 10.0) -> None:
+        for proc in self.processes.values():
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _raise_on_sigterm() -> None:
+    def handler(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=sys.stdout) -> str:
+    """Print one line per finished round until the run ends; return its final status."""
+    metrics = run_dir / "metrics.jsonl"
+    shown = 0
+    while True:
+        if federation:
+            federation.check(essential)
+        status = run_status(run_id, env)
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            for line in lines[shown:]:
+                r = json.loads(line)
+                print(
+                    f"round {r['round']:>3}: loss {r['train_loss']:.4f}  clients {len(r['clients'])}"
+                    f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
+                    f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s",
+                    file=out, flush=True,
+                )
+            shown = len(lines)
+        if status.startswith("finished"):
+            return status
+        time.sleep(POLL_SECONDS)
+
+
+def submit(env: dict[str, str], run_config: dict[str, Any]) -> str:
+    items = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    reply = flwr_json(["run", str(APP_DIR), FEDERATION, "--run-config", items], env, timeout=300)
+    if not reply.get("success"):
+        raise LaunchError(f"run submission failed: {reply}")
+    return str(reply["run-id"])
+
+
+def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | None, essential: tuple[str, ...], timeout: float, out=sys.stdout) -> None:
+    deadline, last = time.monotonic() + timeout, -1
+    while (count := online_nodes(env)) < expected:
+        if federation:
+            federation.check(essential)
+        if count != last:
+            print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
+            last = count
+        if time.monotonic() > deadline:
+            raise LaunchError(f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s")
+        time.sleep(POLL_SECONDS)
+    print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
+
+
+def build_run_config(profile: str, rounds: int | None, data: str | None, results: Path, extra: str) -> dict[str, Any]:
+    config: dict[str, Any] = {"profile": profile, "results.dir": str(results.resolve())}
+    if rounds is not None:
+        config["num-server-rounds"] = rounds
+    if data:
+        config["dataset.path"] = str(Path(data).resolve())
+    config.update(parse_overrides(extra))
+    return config
+
+
+def local_up(args) -> int:
+    try:
+        run_config = build_run_config(args.profile, args.rounds, args.data, Path(args.results), args.run_config)
+        settings = load_settings(run_config)  # validate before anything starts
+    except ConfigError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 2
+    gpus = [g for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
+        run_config["dataset.num-partitions"] = args.supernodes
+    settings = load_settings(run_config)
+    if args.insecure:
+        print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
+
+    results = Path(args.results).resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="fedtune-local-"))
+    log_dir = results / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = flower_env(work / "flwr-home")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    security = _security_args(args, work)
+    write_cli_config(work / "flwr-home", address, security.get("root"))
+    federation = Federation(log_dir)
+    essential = ("superlink", "superexec")
+    _raise_on_sigterm()
+    status = "not started"
+    try:
+        federation.start(
+            "superlink",
+            ["flower-superlink", *security["superlink"], "--isolation", "process", "--host", "127.0.0.1",
+             "--port", str(port), "--database", str(work / "state.db"), "--disable-runtime-dependency-installation"],
+            env,
+        )
+        federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], env)
+        for i in range(args.supernodes):
+            node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
+            if gpus:
+                node_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            federation.start(
+                f"supernode-{i}",
+                [sys.executable, "-m", "app.cli", "supernode", "--", *security["supernode"](i), "--superlink", address,
+                 "--port", str(free_port()),
+                 "--node-config", f"partition-id={i} num-partitions={settings.dataset.num_partitions}"],
+                node_env,
+            )
+        print(f"logs: {log_dir}", flush=True)
+        wait_for_nodes(args.supernodes, env, federation, essential, args.connect_timeout)
+        run_id = submit(env, run_config)
+        run_dir = results / f"run-{run_id}"
+        print(f"run {run_id} submitted; results in {run_dir}", flush=True)
+        status = follow_run(run_id, env, run_dir, federation, essential)
+        print(f"run {run_id}: {status}", flush=True)
+    except LaunchError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        status = "failed"
+    except KeyboardInterrupt:
+        print("fedtune: interrupted; stopping the federation", file=sys.stderr)
+        status = "interrupted"
+    finally:
+        federation.stop()
+    return 0 if status == "finished:completed" else 1
+
+
+def _security_args(args, work: Path) -> dict[str, Any]:
+    if args.insecure:
+        return {"superlink": ["--insecure"], "superexec": ["--insecure"], "supernode": lambda i: ["--insecure"], "root": None}
+    raise LaunchError("TLS for `fedtune local up` needs certificates: see certs/README.md")
+
+
+def run_submit(args) -> int:
+    """`fedtune run`: wait for the federation, submit, follow (for the compose `run` service)."""
+    try:
+        run_config = build_run_config(args.profile, args.rounds, None, Path(args.results), args.run_config)
+        load_settings(run_config)
+    except ConfigError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 2
+    with ExitStack():
+        work = Path(tempfile.mkdtemp(prefix="fedtune-run-"))
+        env = flower_env(work / "flwr-home")
+        write_cli_config(work / "flwr-home", args.superlink, args.root_certificates)
+        try:
+            wait_for_nodes(args.nodes, env, None, (), args.connect_timeout)
+            run_id = submit(env, run_config)
+            print(f"run {run_id} submitted", flush=True)
+            status = follow_run(run_id, env, Path(args.results).resolve() / f"run-{run_id}", None, ())
+        except LaunchError as exc:
+            print(f"fedtune: {exc}", file=sys.stderr)
+            return 1
+    print(f"run {run_id}: {status}", flush=True)
+    return 0 if status == "finished:completed" else 1
+
+
+def _common(parser) -> None:
+    parser.add_argument("--profile", default="bio-medical-llama3-8b", help="configuration profile (bio-medical-llama3-8b | tiny)")
+    parser.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
+    parser.add_argument("--results", default="results", help="results directory (default: ./results)")
+    parser.add_argument("--run-config", default="", help='extra overrides, "key=value key2=value2"')
+    parser.add_argument("--connect-timeout", type=float, default=600.0, help="seconds to wait for the SuperNodes")
+
+
+def register(subparsers) -> None:
+    local = subparsers.add_parser("local", help="run the federation as local processes").add_subparsers(dest="local_command", required=True)
+    up = local.add_parser("up", help="start SuperLink, SuperExec and N SuperNodes; run; stop")
+    _common(up)
+    up.add_argument("--supernodes", type=int, default=20, help="number of SuperNodes (default 20)")
+    up.add_argument("--gpus", default="", help="comma-separated GPU ids; node i uses GPU i mod G")
+    up.add_argument("--data", help="local dataset file (json, jsonl or parquet) to partition")
+    up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning)")
+    up.set_defaults(func=local_up)
+
+    run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")
+    _common(run)
+    run.add_argument("--superlink", required=True, help="SuperLink Control API address, host:port")
+    run.add_argument("--nodes", type=int, default=20, help="wait for this many SuperNodes before submitting")
+    run.add_argument("--root-certificates", help="CA certificate of the SuperLink (omit only with --insecure)")
+    run.add_argument("--insecure", action="store_true")
+    run.set_defaults(func=run_submit)

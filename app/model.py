@@ -1,0 +1,118 @@
+"""The base model (4-bit on GPU), the DoRA adapter, and the adapter's state as plain tensors."""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from app.config import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == "tiny":
+        from app.tiny import tiny_model_dir
+
+        return str(tiny_model_dir())
+    return name_or_path
+
+
+def device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # Llama 3 has none; FlowerTune does the same
+    return tokenizer
+
+
+def load_base_model(name_or_path: str, quantization: int, compute_dtype: torch.dtype | None = None):
+    """A frozen causal LM: 4/8-bit through bitsandbytes on CUDA, bf16 weights otherwise on GPU."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    cuda = torch.cuda.is_available()
+    dtype = compute_dtype or (torch.bfloat16 if cuda else torch.float32)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization and cuda:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quantization == 4,
+            load_in_8bit=quantization == 8,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": torch.cuda.current_device()}
+    elif quantization:
+        log.warning("model.quantization=%d needs CUDA (bitsandbytes); loading unquantized on CPU", quantization)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    if cuda and not quantization:
+        model.to(device())
+    model.requires_grad_(False)
+    return model
+
+
+def lora_config(settings: ModelSettings):
+    from peft import LoraConfig
+
+    lora = settings.lora
+    return LoraConfig(
+        r=lora.peft_lora_r,
+        lora_alpha=lora.peft_lora_alpha,
+        lora_dropout=lora.peft_lora_dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=settings.name,
+    )
+
+
+def build_peft_model(settings: ModelSettings, seed: int):
+    """Base model + freshly initialised DoRA adapter (same seed, same initial adapter)."""
+    from peft import get_peft_model
+
+    base = load_base_model(settings.name, settings.quantization)
+    if settings.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input-grad hook and works with frozen embeddings.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.config.use_cache = False
+    torch.manual_seed(seed)
+    model = get_peft_model(base, lora_config(settings))
+    _cast_adapter(model, torch.float32)
+    return model
+
+
+def _cast_adapter(model, dtype: torch.dtype) -> None:
+    # Adapter weights train in float32 (optimizer precision); the frozen base stays bf16/4-bit.
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.to(dtype)
+
+
+def adapter_state(model) -> OrderedDict[str, torch.Tensor]:
+    """The trainable adapter as PEFT names it on disk (adapter name stripped), on CPU."""
+    from peft import get_peft_model_state_dict
+
+    return OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in get_peft_model_state_dict(model).items())
+
+
+def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    expected = set(adapter_state(model))
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+        raise ValueError(f"adapter does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"adapter keys not used by the model: {result.unexpected_keys[:5]}")
+
+
+def count_parameters(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in state.values())

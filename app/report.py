@@ -1,0 +1,58 @@
+"""Run outputs: one metrics.jsonl line per round, summary.json, and a loss/communication plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+MIB = 1024**2
+PLOT_NAME = "training.png"
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as tmp:
+        json.dump(data, tmp, indent=2)
+        tmp.flush()
+        os.fsync(tmp.fileno())
+    os.replace(tmp.name, path)
+
+
+def plot_run(rounds: list[dict[str, Any]], path: Path) -> None:
+    """Training loss (aggregate and per client) and cumulative communication per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    numbers = [r["round"] for r in rounds]
+    fig, (loss_ax, comm_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in rounds:
+        xs = [r["round"]] * len(r["clients"])
+        loss_ax.scatter(xs, [c["train_loss"] for c in r["clients"]], s=12, color="tab:gray", alpha=0.6)
+    loss_ax.plot(numbers, [r["train_loss"] for r in rounds], marker="o", label="aggregated (by examples)")
+    loss_ax.set(xlabel="round", ylabel="train loss (response tokens)", title="Training loss")
+    loss_ax.legend()
+    comm_ax.plot(numbers, [r["cumulative_mib"] for r in rounds], marker="o", color="tab:green")
+    comm_ax.set(xlabel="round", ylabel="MiB", title="Cumulative communication (down + up)")
+    for ax in (loss_ax, comm_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp.name, path)

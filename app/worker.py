@@ -1,0 +1,137 @@
+"""A client's work for one message, shared by the in-process ClientApp and the resident trainer.
+
+`RoundWorker` keeps the base model, tokenizer and tokenized partition between calls, so a
+resident process pays for them once; in a fresh ClientApp process it is simply used once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from app.config import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeData:
+    partition_id: int
+    num_partitions: int
+    data_path: str = ""
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any], settings: Settings) -> NodeData:
+        try:
+            partition_id = int(node_config["partition-id"])
+        except KeyError:
+            raise ValueError("node config has no 'partition-id' (start the SuperNode with --node-config \"partition-id=I num-partitions=N\")") from None
+        num_partitions = int(node_config.get("num-partitions", settings.dataset.num_partitions))
+        if num_partitions != settings.dataset.num_partitions:
+            raise ValueError(
+                f"node config num-partitions={num_partitions} disagrees with the run's "
+                f"dataset.num-partitions={settings.dataset.num_partitions}"
+            )
+        return cls(partition_id, num_partitions, str(node_config.get("data-path", "")))
+
+
+@dataclass
+class TrainRequest:
+    run_config: dict[str, Any]
+    node: NodeData
+    server_round: int
+    lr: float
+    proximal_mu: float
+
+
+class RoundWorker:
+    def __init__(self) -> None:
+        self._model_key: tuple | None = None
+        self._model = None
+        self._tokenizer = None
+        self._examples_key: tuple | None = None
+        self._examples: list = []
+        self._pristine = False
+        self.model_load_seconds = 0.0
+
+    def _ensure_model(self, settings: Settings):
+        from app.model import build_peft_model, load_tokenizer
+
+        key = (settings.model.model_dump_json(), settings.seed)
+        if key != self._model_key:
+            self._model = None  # free the old one before loading the next
+            started = time.perf_counter()
+            self._tokenizer = load_tokenizer(settings.model.name)
+            self._model = build_peft_model(settings.model, seed=settings.seed)
+            self.model_load_seconds = time.perf_counter() - started
+            self._model_key = key
+            self._pristine = True
+        return self._model
+
+    def _ensure_examples(self, settings: Settings, node: NodeData):
+        from app.data import build_examples, load_partition_rows
+
+        key = (settings.dataset.model_dump_json(), settings.model.name, settings.train.seq_length, node)
+        if key != self._examples_key:
+            rows = load_partition_rows(
+                settings.dataset.name, settings.dataset.path, node.partition_id, node.num_partitions, node.data_path
+            )
+            self._examples = build_examples(rows, self._tokenizer, settings.train.seq_length)
+            self._examples_key = key
+        return self._examples
+
+    def initial_adapter(self, run_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The adapter right after its seeded initialisation (DoRA's magnitude needs the base weights)."""
+        from app.model import adapter_state
+
+        settings = load_settings(run_config)
+        if not self._pristine:
+            self._model_key = None  # the resident model has trained since: rebuild it
+        return adapter_state(self._ensure_model(settings))
+
+    def train(self, request: TrainRequest, global_adapter: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        from app.data import round_batches
+        from app.model import adapter_state, load_adapter_state
+        from app.train import train_round
+
+        started = time.perf_counter()
+        settings = load_settings(request.run_config)
+        model = self._ensure_model(settings)
+        examples = self._ensure_examples(settings, request.node)
+        load_adapter_state(model, {k: v.to(torch.float32) for k, v in global_adapter.items()})
+        round_seed = settings.seed * 1_000_003 + request.server_round * 1_009 + request.node.partition_id
+        torch.manual_seed(round_seed)  # dropout: same seed, same result, resident or not
+        args = settings.train.training_arguments
+        batches = round_batches(
+            examples,
+            batch_size=args.per_device_train_batch_size,
+            steps=args.max_steps * args.gradient_accumulation_steps,
+            seed=round_seed,
+            pad_token_id=self._tokenizer.pad_token_id,
+        )
+        self._pristine = False
+        result = train_round(model, batches, args=args, lr=request.lr, proximal_mu=request.proximal_mu)
+        metrics = {
+            "train-loss": result.train_loss,
+            "proximal-term": result.proximal,
+            "num-examples": float(len(examples)),
+            "train-seconds": result.train_seconds,
+            "client-round-seconds": time.perf_counter() - started,
+            "model-load-seconds": self.model_load_seconds,
+            "tokens": float(result.tokens),
+            "steady-step-seconds": _steady(result.step_seconds),
+        }
+        if torch.cuda.is_available():
+            metrics["peak-gpu-bytes"] = float(torch.cuda.max_memory_allocated())
+        self.model_load_seconds = 0.0  # reported once, by the round that paid for it
+        return adapter_state(model), metrics
+
+
+def _steady(step_seconds: list[float]) -> float:
+    """Median step time after the first (warm-up) step."""
+    steady = sorted(step_seconds[1:] or step_seconds)
+    return steady[len(steady) // 2]
