@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, closing
+from contextlib import ExitStack, closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,15 +96,27 @@ class Federation:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self, grace: float = 10.0) -> None:
-        for proc in self.processes.values():
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + grace
+        """SIGTERM every process and its descendants (some start their own sessions), then SIGKILL."""
+        import psutil
+
+        tree = []
         for proc in self.processes.values():
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
+                tree += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for proc in self.processes.values():
+            _signal_group(proc, signal.SIGTERM)
+        for proc in tree:
+            with suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=grace)
+        for proc in alive:
+            with suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.processes.values():
+            proc.wait()
         self.processes.clear()
 
 
@@ -194,8 +206,9 @@ def local_up(args) -> int:
 
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="fedtune-local-"))
-    log_dir = results / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    # Flower state, CLI config and logs of this launch; every process gets FLWR_HOME inside it.
+    work = results / ".local" / time.strftime("%Y%m%d-%H%M%S")
+    log_dir = work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = flower_env(work / "flwr-home")
     port = free_port()

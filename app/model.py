@@ -116,3 +116,19 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
 
 def count_parameters(state: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() for t in state.values())
+
+
+LLAMA3_8B_SHAPE = dict(
+    hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+)
+
+
+def adapter_shapes(settings: ModelSettings, **llama_config: Any) -> dict[str, tuple[int, ...]]:
+    """Adapter tensor shapes for a Llama config, computed on the meta device (no weights)."""
+    from peft import get_peft_model, get_peft_model_state_dict
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = get_peft_model(LlamaForCausalLM(LlamaConfig(**llama_config)), lora_config(settings))
+    return {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}

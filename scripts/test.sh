@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The test command: sets up .venv on a fresh machine (PyPI only), then runs the whole suite.
+# Usage: scripts/test.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+# Reinstall only when the dependency list changed (torch and friends are several GB).
+stamp=.venv/.fedtune-installed
+if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
+  .venv/bin/python -m pip install --quiet --upgrade pip
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  cp pyproject.toml "$stamp"
+fi
+export FLWR_TELEMETRY_ENABLED=0 PATH="$PWD/.venv/bin:$PATH"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

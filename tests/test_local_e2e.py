@@ -1,0 +1,121 @@
+"""End to end through real Flower processes: `fedtune local up --profile tiny`."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from app import comm
+from app.config import load_settings
+from app.model import adapter_shapes, load_base_model
+
+NODES, ROUNDS = 20, 2
+
+
+def _our_processes(root: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("FLWR_HOME", "").startswith(str(root)):
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def _fedtune(*args: str, **kwargs) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("results")
+    proc = _fedtune("local", "up", "--profile", "tiny", "--supernodes", str(NODES), "--rounds", str(ROUNDS),
+                    "--results", str(results), *_security_flags())
+    output, _ = proc.communicate(timeout=900)
+    print(output)
+    runs = [p for p in results.iterdir() if p.name.startswith("run-")]
+    return proc.returncode, output, results, runs
+
+
+def _security_flags() -> list[str]:
+    return ["--insecure"]
+
+
+def test_run_completes_with_progress(finished_run):
+    code, output, _, runs = finished_run
+    assert code == 0, output
+    assert f"SuperNodes online: {NODES}/{NODES}" in output
+    assert "round   1:" in output and f"round   {ROUNDS}:" in output
+    assert len(runs) == 1
+
+
+def test_outputs_and_budget(finished_run):
+    _, _, _, [run] = finished_run
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    settings = load_settings({"profile": "tiny"})
+    per_transfer = comm.transfer_bytes(adapter_shapes(settings.model, **_tiny_llama_config()), settings.comm.dtype)
+    clients = max(1, int(NODES * settings.strategy.fraction_train))
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds:
+        assert len(r["clients"]) == clients and r["failures"] == 0
+        assert r["bytes_down"] == r["bytes_up"] == clients * per_transfer
+        assert len({c["partition_id"] for c in r["clients"]}) == clients
+        assert all(c["resident"] for c in r["clients"])
+    assert summary["communication_mib"] == pytest.approx(ROUNDS * 2 * clients * per_transfer / 2**20)
+    assert summary["rounds_completed"] == ROUNDS
+    assert (run / "training.png").stat().st_size > 10_000
+
+
+def test_training_loss_goes_down(finished_run):
+    _, _, _, [run] = finished_run
+    losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_final_adapter_loads_onto_tiny_base(finished_run):
+    from peft import PeftModel
+
+    _, _, _, [run] = finished_run
+    model = PeftModel.from_pretrained(load_base_model("tiny", 0), str(run / f"peft_{ROUNDS}"))
+    out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(out).all()
+
+
+def test_no_process_left_behind(finished_run):
+    _, _, results, _ = finished_run
+    assert _our_processes(results) == []
+
+
+def test_ctrl_c_stops_everything(tmp_path):
+    proc = _fedtune("local", "up", "--profile", "tiny", "--supernodes", "2", "--rounds", "50", "--results", str(tmp_path), *_security_flags())
+    deadline = time.monotonic() + 300
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "submitted" in line or time.monotonic() > deadline:
+            break
+    assert any("submitted" in line for line in lines), "".join(lines)
+    assert _our_processes(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "interrupted" in rest, "".join(lines) + rest
+    left = [(p.pid, p.cmdline()) for p in _our_processes(tmp_path)]
+    assert left == [], left
+
+
+def _tiny_llama_config() -> dict:
+    from app.tiny import tiny_model_dir
+
+    config = json.loads((tiny_model_dir() / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    return {k: config[k] for k in keys}

@@ -1,0 +1,75 @@
+import os
+import stat
+import threading
+
+import pytest
+import torch
+
+from app.trainer_service import SOCKET_ENV, TrainerServer, TrainerUnavailable, call_trainer, run_supernode
+from app.worker import NodeData, RoundWorker, TrainRequest
+
+RUN_CONFIG = {"profile": "tiny", "dataset.num-partitions": 20}
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = TrainerServer(tmp_path / "private" / "trainer.sock")
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.stop()
+    thread.join(timeout=5)
+
+
+def _train_header(server_round, lr=0.05, mu=0.01):
+    return {"op": "train", "run_config": RUN_CONFIG, "node": {"partition_id": 3, "num_partitions": 20, "data_path": ""},
+            "server_round": server_round, "lr": lr, "proximal_mu": mu}
+
+
+def test_socket_is_private(server):
+    assert stat.S_IMODE(os.stat(server.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(server.path.parent).st_mode) == 0o700
+
+
+def test_resident_rounds_equal_in_process_rounds(server):
+    _, initial = call_trainer(str(server.path), {"op": "init", "run_config": RUN_CONFIG}, None, 5.0)
+    reference_initial = RoundWorker().initial_adapter(RUN_CONFIG)
+    assert initial.keys() == reference_initial.keys()
+    assert all(torch.equal(initial[k], reference_initial[k]) for k in initial)
+
+    resident_state, in_process_state = initial, reference_initial
+    for server_round in (1, 2):  # round 2 reuses the warm model: it must not leak round 1's state
+        reply, resident_state = call_trainer(str(server.path), _train_header(server_round), resident_state, 5.0)
+        request = TrainRequest(RUN_CONFIG, NodeData(3, 20), server_round, 0.05, 0.01)
+        in_process_state, metrics = RoundWorker().train(request, in_process_state)
+        assert reply["metrics"]["train-loss"] == metrics["train-loss"]
+        assert all(torch.equal(resident_state[k], in_process_state[k]) for k in resident_state)
+    assert not all(torch.equal(resident_state[k], initial[k]) for k in initial)  # it did train
+
+
+def test_trainer_errors_are_reported_not_fatal(server):
+    bad = dict(_train_header(1), node={"partition_id": 25, "num_partitions": 20, "data_path": ""})
+    initial = RoundWorker().initial_adapter(RUN_CONFIG)
+    with pytest.raises(RuntimeError, match="partition-id 25 is outside 0..19"):
+        call_trainer(str(server.path), bad, initial, 5.0)
+    reply, _ = call_trainer(str(server.path), _train_header(1), initial, 5.0)  # still serving
+    assert reply["metrics"]["num-examples"] > 0
+
+
+def test_missing_trainer_is_unavailable(tmp_path):
+    with pytest.raises(TrainerUnavailable):
+        call_trainer(str(tmp_path / "nothing.sock"), {"op": "init", "run_config": RUN_CONFIG}, None, 1.0)
+
+
+def test_wrapper_exports_socket_and_cleans_up(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flower-supernode"
+    # The fake SuperNode checks it can see the trainer socket, then exits with its own code.
+    fake.write_text(f'#!/bin/sh\n[ -S "${SOCKET_ENV}" ] && echo "$@" > {tmp_path}/args && exit 3\nexit 9\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    socket_path = tmp_path / "run" / "t.sock"
+    assert run_supernode(["--insecure", "--superlink", "x:1"], str(socket_path)) == 3
+    assert (tmp_path / "args").read_text().strip() == "--insecure --superlink x:1"
+    assert not socket_path.exists()

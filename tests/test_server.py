@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from app import checkpoint, comm
+from app.config import load_settings
+from app.model import LLAMA3_8B_SHAPE, adapter_shapes, adapter_state, build_peft_model, load_base_model
+from app.report import MIB
+from app.server_app import weighted_average
+
+
+def test_weighted_average_uses_example_counts():
+    a = {"w": torch.tensor([1.0, 3.0])}
+    b = {"w": torch.tensor([5.0, 7.0])}
+    out = weighted_average([a, b], [300.0, 100.0])
+    assert torch.allclose(out["w"], torch.tensor([2.0, 4.0]))
+    with pytest.raises(ValueError, match="no reply"):
+        weighted_average([], [])
+
+
+def test_seed_adapter_size_and_transfer_bytes():
+    shapes = adapter_shapes(load_settings({}).model, **LLAMA3_8B_SHAPE)
+    params = sum(torch.Size(s).numel() for s in shapes.values())
+    assert params == 13_795_328
+    fp32 = comm.transfer_bytes(shapes, "float32")
+    bf16 = comm.transfer_bytes(shapes, "bfloat16")
+    # float32 is numpy-serialised (a small header per array), bfloat16 raw bytes.
+    assert params * 4 < fp32 < params * 4 + 256 * len(shapes)
+    assert bf16 == params * 2
+    assert fp32 / MIB == pytest.approx(52.65, abs=0.05)
+    assert bf16 / MIB <= 26.4
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_comm_round_trip(dtype):
+    torch.manual_seed(0)
+    state = {"a": torch.randn(3, 5), "b": torch.randn(7)}
+    record = comm.encode(state, dtype)
+    back = comm.decode(record)
+    assert comm.record_bytes(record) == sum(len(a.data) for a in record.values())
+    for key in state:
+        assert back[key].dtype == torch.float32 and back[key].shape == state[key].shape
+        tol = 0 if dtype == "float32" else 1e-2
+        assert torch.allclose(back[key], state[key], atol=tol, rtol=tol)
+    if dtype == "float32":
+        assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_checkpoint_loads_with_peft_and_reproduces_outputs(tmp_path):
+    from peft import PeftModel
+
+    settings = load_settings({"profile": "tiny"})
+    model = build_peft_model(settings.model, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)  # a non-trivial adapter (lora_B starts at zero)
+    state = adapter_state(model)
+    path = checkpoint.save_adapter(tmp_path / "peft_1", state, settings.model)
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["base_model_name_or_path"] == "tiny"
+    assert config["r"] == settings.model.lora.peft_lora_r
+    loaded = PeftModel.from_pretrained(load_base_model("tiny", 0), str(path))
+    ids = torch.tensor([[1, 5, 9, 42, 7]])
+    model.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5)
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    settings = load_settings({"profile": "tiny"})
+    good = {"base_model.model.x.lora_A.weight": torch.ones(2, 2)}
+    checkpoint.save_adapter(tmp_path / "peft_5", good, settings.model)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save_adapter(tmp_path / "peft_5", {"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, settings.model)
+    assert torch.equal(checkpoint.load_adapter_tensors(tmp_path / "peft_5")["base_model.model.x.lora_A.weight"], torch.ones(2, 2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft_5"]  # no staging left behind

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from app.config import load_settings
+from app.model import build_peft_model, load_tokenizer
+from app.train import cosine_lr, proximal_term, response_loss, train_round
+from app.data import build_examples, load_partition_rows, round_batches
+
+
+def test_cosine_lr_matches_flowertune():
+    assert cosine_lr(0, 10, 5e-5, 1e-6) == pytest.approx(5e-5)
+    assert cosine_lr(10, 10, 5e-5, 1e-6) == pytest.approx(1e-6)
+    assert cosine_lr(5, 10, 5e-5, 1e-6) == pytest.approx((5e-5 + 1e-6) / 2)
+    rates = [cosine_lr(r, 10, 5e-5, 1e-6) for r in range(1, 11)]
+    assert rates == sorted(rates, reverse=True)
+
+
+def test_proximal_term_value_and_gradient_match_finite_differences():
+    torch.manual_seed(0)
+    w = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True), torch.randn(5, dtype=torch.float64, requires_grad=True)]
+    anchors = [torch.randn(3, 4, dtype=torch.float64), torch.randn(5, dtype=torch.float64)]
+    mu = 0.7
+    value = proximal_term(w, anchors, mu)
+    expected = 0.5 * mu * sum(((a - b) ** 2).sum() for a, b in zip(w, anchors))
+    assert value.item() == pytest.approx(expected.item())
+    value.backward()
+    eps = 1e-6
+    for p, a in zip(w, anchors):
+        flat = p.detach().clone().view(-1)
+        for i in range(flat.numel()):
+            def f(delta):
+                q = [x.detach().clone() for x in w]
+                q[[id(x) for x in w].index(id(p))].view(-1)[i] += delta
+                return proximal_term(q, anchors, mu).item()
+            numeric = (f(eps) - f(-eps)) / (2 * eps)
+            assert p.grad.view(-1)[i].item() == pytest.approx(numeric, rel=1e-6, abs=1e-8)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    settings = load_settings({"profile": "tiny", "model.lora.peft-lora-dropout": 0.0})
+    tokenizer = load_tokenizer("tiny")
+    rows = load_partition_rows("tiny", "", 0, 20)
+    return settings, tokenizer, build_examples(rows, tokenizer, settings.train.seq_length)
+
+
+def test_response_loss_equals_transformers_loss(tiny):
+    settings, tokenizer, examples = tiny
+    model = build_peft_model(settings.model, seed=0)
+    batch = next(round_batches(examples, batch_size=4, steps=1, seed=0, pad_token_id=tokenizer.pad_token_id))
+    ours = response_loss(model, batch)
+    reference = model(**batch).loss
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_proximal_term_pulls_towards_the_global_adapter(tiny):
+    settings, tokenizer, examples = tiny
+    args = settings.train.training_arguments.model_copy(update={"max_steps": 4})
+    distances = {}
+    for mu in (0.0, 50.0):
+        model = build_peft_model(settings.model, seed=0)
+        start = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        batches = round_batches(examples, batch_size=8, steps=4, seed=3, pad_token_id=tokenizer.pad_token_id)
+        result = train_round(model, batches, args=args, lr=0.05, proximal_mu=mu)
+        after = [p.detach() for p in model.parameters() if p.requires_grad]
+        distances[mu] = math.sqrt(sum(((a - b) ** 2).sum().item() for a, b in zip(after, start)))
+        assert result.steps == 4 and math.isfinite(result.train_loss)
+        assert (result.proximal > 0) == (mu > 0)
+    assert distances[50.0] < distances[0.0]
+
+
+def test_warmup_then_constant_lr(tiny, monkeypatch):
+    settings, tokenizer, examples = tiny
+    model = build_peft_model(settings.model, seed=0)
+    seen = []
+    original_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    args = settings.train.training_arguments.model_copy(update={"max_steps": 6, "warmup_steps": 2})
+    batches = round_batches(examples, batch_size=2, steps=6, seed=0, pad_token_id=tokenizer.pad_token_id)
+    train_round(model, batches, args=args, lr=1e-3, proximal_mu=0.0)
+    # transformers' constant_with_warmup, as FlowerTune's Trainer steps it: 0, 1/2, then full.
+    assert seen == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
