@@ -7,7 +7,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from app.config import ModelSettings
 
@@ -23,13 +23,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_adapter(directory: Path, state: dict[str, torch.Tensor], model: ModelSettings) -> Path:
+def save_adapter(directory: Path, state: dict[str, np.ndarray], model: ModelSettings) -> Path:
     """Write `directory` as a PEFT adapter that `PeftModel.from_pretrained` loads.
 
     Files go to a sibling temporary directory, are fsynced, then swapped in by rename: a crash
     at any point leaves either the previous checkpoint or the new one, never half of one.
     """
-    from safetensors.torch import save_file
+    from safetensors.numpy import save_file
 
     from app.model import lora_config
 
@@ -37,7 +37,7 @@ def save_adapter(directory: Path, state: dict[str, torch.Tensor], model: ModelSe
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+        tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config(model).save_pretrained(str(staging))
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
@@ -56,8 +56,8 @@ def save_adapter(directory: Path, state: dict[str, torch.Tensor], model: ModelSe
     return directory
 
 
-def load_adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def load_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
 
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():

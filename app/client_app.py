@@ -10,13 +10,13 @@ import logging
 import os
 import time
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
 from app.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer
-from app.worker import NodeData, RoundWorker, TrainRequest
+from app.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
 
 log = logging.getLogger(__name__)
 app = ClientApp()

@@ -6,12 +6,13 @@ from one SuperNode (`query.init`), and checkpoints are written from the state di
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
@@ -20,19 +21,23 @@ from app import comm
 from app.checkpoint import save_adapter
 from app.config import Settings, load_settings
 from app.report import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
-from app.train import cosine_lr
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 
 
-def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+def cosine_lr(server_round: int, total_rounds: int, lr_max: float, lr_min: float) -> float:
+    """FlowerTune's per-round learning rate: cosine annealing from lr_max to lr_min."""
+    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / total_rounds))
+
+
+def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
     """Example-weighted mean of adapters, in float32."""
     total = float(sum(weights))
     if not states or total <= 0:
         raise ValueError("cannot aggregate: no reply with a positive number of examples")
     return {
-        key: sum(state[key].to(torch.float32) * (w / total) for state, w in zip(states, weights, strict=True))
+        key: sum(state[key].astype(np.float32) * np.float32(w / total) for state, w in zip(states, weights, strict=True))
         for key in states[0]
     }
 

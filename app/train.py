@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -15,15 +14,23 @@ from app.config import TrainingArguments
 from app.data import IGNORE_INDEX
 
 
-def cosine_lr(server_round: int, total_rounds: int, lr_max: float, lr_min: float) -> float:
-    """FlowerTune's per-round learning rate: cosine annealing from lr_max to lr_min."""
-    return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / total_rounds))
-
-
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx: mu/2 * ||w - w_global||^2 over the trainable parameters."""
     total = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
     return 0.5 * mu * total
+
+
+@torch.no_grad()
+def add_proximal_gradient(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> float:
+    """Add d/dw of `proximal_term` (= mu * (w - w_global)) to the gradients; return the term's value.
+
+    Same objective as backpropagating `proximal_term`, in two fused multi-tensor kernels instead
+    of an autograd graph over every adapter tensor.
+    """
+    diffs = torch._foreach_sub(params, anchors)
+    torch._foreach_add_([p.grad for p in params], diffs, alpha=mu)
+    norms = torch._foreach_norm(diffs)
+    return 0.5 * mu * float(torch.stack(norms).pow(2).sum())
 
 
 def response_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -95,22 +102,22 @@ def train_round(
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         with autocast:
             loss = response_loss(model, batch) / args.gradient_accumulation_steps
-        prox = proximal_term(params, anchors, proximal_mu) if proximal_mu > 0 else torch.zeros((), device=dev)
-        (loss + prox).backward()
+        loss.backward()
         if (step + 1) % args.gradient_accumulation_steps == 0:
+            # FedProx: the loss is task + mu/2 ||w - w_global||^2; its gradient is added here.
+            prox_values.append(add_proximal_gradient(params, anchors, proximal_mu) if proximal_mu > 0 else 0.0)
             torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item() * args.gradient_accumulation_steps)  # .item() syncs: honest step time
-        prox_values.append(prox.item())
         tokens += int(batch["attention_mask"].sum())
         step_seconds.append(time.perf_counter() - step_start)
     model.eval()
     del optimizer
     return RoundResult(
         train_loss=sum(losses) / len(losses),
-        proximal=sum(prox_values) / len(prox_values),
+        proximal=sum(prox_values) / max(1, len(prox_values)),
         steps=len(losses),
         tokens=tokens,
         train_seconds=time.perf_counter() - started,

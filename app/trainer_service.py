@@ -5,7 +5,8 @@ Flower 1.42 starts a fresh ClientApp process for every message; importing torch 
 runs `flower-supernode ARGS` as a child and serves a Unix socket in a 0700 directory (only this
 node's user can reach it; the peer's uid is checked too). The ClientApp finds the socket through
 `FEDTUNE_TRAINER_SOCKET`, which every process under the SuperNode inherits, and hands it the
-round. torch is imported on the first request only, so an idle node stays small. When the
+round. torch is imported on the first request only, so an idle node stays small, and the
+ClientApp side needs only numpy (arrays travel as safetensors-numpy). When the
 SuperNode exits (or the wrapper is signalled) both stop.
 
 Wire format, both directions: u64 length + JSON header, u64 length + safetensors bytes.
@@ -27,6 +28,8 @@ import tempfile
 import threading
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +53,16 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 
 
 def send_message(conn: socket.socket, header: dict[str, Any], tensors: dict | None = None) -> None:
-    from safetensors.torch import save
+    from safetensors.numpy import save
 
-    payload = save({k: v.contiguous() for k, v in tensors.items()}) if tensors else b""
+    payload = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}) if tensors else b""
     head = json.dumps(header).encode()
     conn.sendall(_LEN.pack(len(head)) + head + _LEN.pack(len(payload)))
     conn.sendall(payload)
 
 
 def recv_message(conn: socket.socket) -> tuple[dict[str, Any], dict]:
-    from safetensors.torch import load
+    from safetensors.numpy import load
 
     header = json.loads(_recv_exact(conn, _LEN.unpack(_recv_exact(conn, _LEN.size))[0]))
     size = _LEN.unpack(_recv_exact(conn, _LEN.size))[0]

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+import numpy as np
 
 from app.config import Settings, load_settings
 
@@ -84,16 +84,18 @@ class RoundWorker:
             self._examples_key = key
         return self._examples
 
-    def initial_adapter(self, run_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def initial_adapter(self, run_config: dict[str, Any]) -> dict[str, np.ndarray]:
         """The adapter right after its seeded initialisation (DoRA's magnitude needs the base weights)."""
         from app.model import adapter_state
 
         settings = load_settings(run_config)
         if not self._pristine:
             self._model_key = None  # the resident model has trained since: rebuild it
-        return adapter_state(self._ensure_model(settings))
+        return _to_numpy(adapter_state(self._ensure_model(settings)))
 
-    def train(self, request: TrainRequest, global_adapter: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def train(self, request: TrainRequest, global_adapter: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        import torch
+
         from app.data import round_batches
         from app.model import adapter_state, load_adapter_state
         from app.train import train_round
@@ -102,7 +104,7 @@ class RoundWorker:
         settings = load_settings(request.run_config)
         model = self._ensure_model(settings)
         examples = self._ensure_examples(settings, request.node)
-        load_adapter_state(model, {k: v.to(torch.float32) for k, v in global_adapter.items()})
+        load_adapter_state(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_adapter.items()})
         round_seed = settings.seed * 1_000_003 + request.server_round * 1_009 + request.node.partition_id
         torch.manual_seed(round_seed)  # dropout: same seed, same result, resident or not
         args = settings.train.training_arguments
@@ -128,7 +130,11 @@ class RoundWorker:
         if torch.cuda.is_available():
             metrics["peak-gpu-bytes"] = float(torch.cuda.max_memory_allocated())
         self.model_load_seconds = 0.0  # reported once, by the round that paid for it
-        return adapter_state(model), metrics
+        return _to_numpy(adapter_state(model)), metrics
+
+
+def _to_numpy(state) -> dict[str, np.ndarray]:
+    return {k: v.float().numpy() for k, v in state.items()}
 
 
 def _steady(step_seconds: list[float]) -> float:

@@ -1,5 +1,7 @@
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -11,10 +13,10 @@ from app.server_app import weighted_average
 
 
 def test_weighted_average_uses_example_counts():
-    a = {"w": torch.tensor([1.0, 3.0])}
-    b = {"w": torch.tensor([5.0, 7.0])}
+    a = {"w": np.array([1.0, 3.0], dtype=np.float32)}
+    b = {"w": np.array([5.0, 7.0], dtype=np.float32)}
     out = weighted_average([a, b], [300.0, 100.0])
-    assert torch.allclose(out["w"], torch.tensor([2.0, 4.0]))
+    assert np.allclose(out["w"], [2.0, 4.0]) and out["w"].dtype == np.float32
     with pytest.raises(ValueError, match="no reply"):
         weighted_average([], [])
 
@@ -34,17 +36,26 @@ def test_seed_adapter_size_and_transfer_bytes():
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_comm_round_trip(dtype):
-    torch.manual_seed(0)
-    state = {"a": torch.randn(3, 5), "b": torch.randn(7)}
+    rng = np.random.default_rng(0)
+    state = {"a": rng.standard_normal((3, 5)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
     record = comm.encode(state, dtype)
     back = comm.decode(record)
     assert comm.record_bytes(record) == sum(len(a.data) for a in record.values())
     for key in state:
-        assert back[key].dtype == torch.float32 and back[key].shape == state[key].shape
-        tol = 0 if dtype == "float32" else 1e-2
-        assert torch.allclose(back[key], state[key], atol=tol, rtol=tol)
-    if dtype == "float32":
-        assert all(torch.equal(back[k], state[k]) for k in state)
+        assert back[key].dtype == np.float32 and back[key].shape == state[key].shape
+        if dtype == "float32":
+            assert np.array_equal(back[key], state[key])
+        else:  # bfloat16 on the wire, rounded exactly as torch rounds
+            expected = torch.from_numpy(state[key]).to(torch.bfloat16).float().numpy()
+            assert np.array_equal(back[key], expected)
+
+
+def test_bfloat16_rounding_matches_torch_on_edge_values():
+    values = np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 3.4e38, -3.4e38, 1e-40, np.inf, -np.inf], dtype=np.float32)
+    ours = comm.from_bfloat16_bits(comm.to_bfloat16_bits(values))
+    reference = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    assert np.array_equal(ours, reference)
+    assert np.isnan(comm.from_bfloat16_bits(comm.to_bfloat16_bits(np.array([np.nan], dtype=np.float32)))).all()
 
 
 def test_checkpoint_loads_with_peft_and_reproduces_outputs(tmp_path):
@@ -56,7 +67,7 @@ def test_checkpoint_loads_with_peft_and_reproduces_outputs(tmp_path):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)  # a non-trivial adapter (lora_B starts at zero)
-    state = adapter_state(model)
+    state = {k: v.numpy() for k, v in adapter_state(model).items()}
     path = checkpoint.save_adapter(tmp_path / "peft_1", state, settings.model)
     config = json.loads((path / "adapter_config.json").read_text())
     assert config["use_dora"] is True and config["base_model_name_or_path"] == "tiny"
@@ -70,16 +81,16 @@ def test_checkpoint_loads_with_peft_and_reproduces_outputs(tmp_path):
 
 def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     settings = load_settings({"profile": "tiny"})
-    good = {"base_model.model.x.lora_A.weight": torch.ones(2, 2)}
+    good = {"base_model.model.x.lora_A.weight": np.ones((2, 2), dtype=np.float32)}
     checkpoint.save_adapter(tmp_path / "peft_5", good, settings.model)
 
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    import safetensors.torch
+    import safetensors.numpy
 
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.save_adapter(tmp_path / "peft_5", {"base_model.model.x.lora_A.weight": torch.zeros(2, 2)}, settings.model)
-    assert torch.equal(checkpoint.load_adapter_tensors(tmp_path / "peft_5")["base_model.model.x.lora_A.weight"], torch.ones(2, 2))
+        checkpoint.save_adapter(tmp_path / "peft_5", {"base_model.model.x.lora_A.weight": np.zeros((2, 2), dtype=np.float32)}, settings.model)
+    assert np.array_equal(checkpoint.load_adapter_tensors(tmp_path / "peft_5")["base_model.model.x.lora_A.weight"], np.ones((2, 2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft_5"]  # no staging left behind

@@ -5,7 +5,8 @@ import torch
 
 from app.config import load_settings
 from app.model import build_peft_model, load_tokenizer
-from app.train import cosine_lr, proximal_term, response_loss, train_round
+from app.server_app import cosine_lr
+from app.train import proximal_term, response_loss, train_round
 from app.data import build_examples, load_partition_rows, round_batches
 
 
@@ -87,3 +88,23 @@ def test_warmup_then_constant_lr(tiny, monkeypatch):
     train_round(model, batches, args=args, lr=1e-3, proximal_mu=0.0)
     # transformers' constant_with_warmup, as FlowerTune's Trainer steps it: 0, 1/2, then full.
     assert seen == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3])
+
+
+def test_fused_proximal_gradient_equals_autograd():
+    from app.train import add_proximal_gradient
+
+    torch.manual_seed(1)
+    params = [torch.randn(4, 3, requires_grad=True), torch.randn(6, requires_grad=True)]
+    anchors = [torch.randn(4, 3), torch.randn(6)]
+    task = [torch.randn(4, 3), torch.randn(6)]
+    for p, g in zip(params, task):
+        p.grad = g.clone()
+    value = add_proximal_gradient(params, anchors, 0.3)
+    fused = [p.grad.clone() for p in params]
+    for p, g in zip(params, task):
+        p.grad = g.clone()
+    reference = proximal_term(params, anchors, 0.3)
+    reference.backward()
+    assert value == pytest.approx(reference.item(), rel=1e-6)
+    for f, p in zip(fused, params):
+        assert torch.allclose(f, p.grad, atol=1e-6)
