@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, closing, suppress
+from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,8 +201,12 @@ def local_up(args) -> int:
     if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
         run_config["dataset.num-partitions"] = args.supernodes
     settings = load_settings(run_config)
-    if args.insecure:
-        print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
+    if not args.insecure:
+        # Secure by default: never fall back to plaintext silently.
+        print("fedtune: TLS and SuperNode authentication for `fedtune local up` are not wired yet "
+              "(issue 4); pass --insecure to run without them", file=sys.stderr)
+        return 2
+    print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
 
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -213,7 +217,7 @@ def local_up(args) -> int:
     env = flower_env(work / "flwr-home")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    security = _security_args(args, work)
+    security = _INSECURE
     write_cli_config(work / "flwr-home", address, security.get("root"))
     federation = Federation(log_dir)
     essential = ("superlink", "superexec")
@@ -256,10 +260,7 @@ def local_up(args) -> int:
     return 0 if status == "finished:completed" else 1
 
 
-def _security_args(args, work: Path) -> dict[str, Any]:
-    if args.insecure:
-        return {"superlink": ["--insecure"], "superexec": ["--insecure"], "supernode": lambda i: ["--insecure"], "root": None}
-    raise LaunchError("TLS for `fedtune local up` needs certificates: see certs/README.md")
+_INSECURE: dict[str, Any] = {"superlink": ["--insecure"], "superexec": ["--insecure"], "supernode": lambda i: ["--insecure"], "root": None}
 
 
 def run_submit(args) -> int:
@@ -270,18 +271,20 @@ def run_submit(args) -> int:
     except ConfigError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
-    with ExitStack():
-        work = Path(tempfile.mkdtemp(prefix="fedtune-run-"))
-        env = flower_env(work / "flwr-home")
-        write_cli_config(work / "flwr-home", args.superlink, args.root_certificates)
-        try:
-            wait_for_nodes(args.nodes, env, None, (), args.connect_timeout)
-            run_id = submit(env, run_config)
-            print(f"run {run_id} submitted", flush=True)
-            status = follow_run(run_id, env, Path(args.results).resolve() / f"run-{run_id}", None, ())
-        except LaunchError as exc:
-            print(f"fedtune: {exc}", file=sys.stderr)
-            return 1
+    if not (args.insecure or args.root_certificates):
+        print("fedtune: --root-certificates is required (or --insecure, which disables TLS)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="fedtune-run-"))
+    env = flower_env(work / "flwr-home")
+    write_cli_config(work / "flwr-home", args.superlink, args.root_certificates)
+    try:
+        wait_for_nodes(args.nodes, env, None, (), args.connect_timeout)
+        run_id = submit(env, run_config)
+        print(f"run {run_id} submitted", flush=True)
+        status = follow_run(run_id, env, Path(args.results).resolve() / f"run-{run_id}", None, ())
+    except LaunchError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 1
     print(f"run {run_id}: {status}", flush=True)
     return 0 if status == "finished:completed" else 1
 

@@ -119,3 +119,18 @@ def _tiny_llama_config() -> dict:
     config = json.loads((tiny_model_dir() / "config.json").read_text())
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
     return {k: config[k] for k in keys}
+
+
+def test_secure_by_default_refuses_plaintext(tmp_path):
+    proc = _fedtune("local", "up", "--profile", "tiny", "--supernodes", "1", "--results", str(tmp_path))
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "--insecure" in output
+    assert not (tmp_path / ".local").exists()  # refused before anything started
+
+
+def test_bad_config_is_refused_before_anything_starts(tmp_path):
+    proc = _fedtune("local", "up", "--profile", "tiny", "--insecure", "--results", str(tmp_path),
+                    "--run-config", "train.seq-lenght=8 model.quantization=3")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "unknown config key(s) 'train.seq-lenght'" in output
+    assert not (tmp_path / ".local").exists()
