@@ -10,6 +10,7 @@ import sys
 COMMAND_MODULES = [
     "app.launcher",
     "app.trainer_service",
+    "app.certs",
 ]
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.certs import CertPaths, ensure_certs
 from app.config import ConfigError, load_settings, parse_overrides
 
 APP_DIR = Path(__file__).resolve().parent.parent  # holds pyproject.toml: what `flwr run` builds
@@ -201,12 +202,8 @@ def local_up(args) -> int:
     if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
         run_config["dataset.num-partitions"] = args.supernodes
     settings = load_settings(run_config)
-    if not args.insecure:
-        # Secure by default: never fall back to plaintext silently.
-        print("fedtune: TLS and SuperNode authentication for `fedtune local up` are not wired yet "
-              "(issue 4); pass --insecure to run without them", file=sys.stderr)
-        return 2
-    print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
+    if args.insecure:
+        print("WARNING: --insecure: Flower APIs run without TLS", file=sys.stderr)
 
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -217,7 +214,7 @@ def local_up(args) -> int:
     env = flower_env(work / "flwr-home")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    security = _INSECURE
+    security = _INSECURE if args.insecure else _tls(ensure_certs(work / "certs", ["127.0.0.1"]))
     write_cli_config(work / "flwr-home", address, security.get("root"))
     federation = Federation(log_dir)
     essential = ("superlink", "superexec")
@@ -263,6 +260,17 @@ def local_up(args) -> int:
 _INSECURE: dict[str, Any] = {"superlink": ["--insecure"], "superexec": ["--insecure"], "supernode": lambda i: ["--insecure"], "root": None}
 
 
+def _tls(paths: CertPaths) -> dict[str, Any]:
+    """TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs); everyone checks it against our CA."""
+    ca = str(paths.ca_cert)
+    return {
+        "superlink": ["--ssl-certfile", str(paths.server_cert), "--ssl-keyfile", str(paths.server_key), "--ssl-ca-certfile", ca],
+        "superexec": ["--root-certificates", ca],
+        "supernode": lambda i: ["--root-certificates", ca],
+        "root": ca,
+    }
+
+
 def run_submit(args) -> int:
     """`fedtune run`: wait for the federation, submit, follow (for the compose `run` service)."""
     try:
@@ -304,7 +312,7 @@ def register(subparsers) -> None:
     up.add_argument("--supernodes", type=int, default=20, help="number of SuperNodes (default 20)")
     up.add_argument("--gpus", default="", help="comma-separated GPU ids; node i uses GPU i mod G")
     up.add_argument("--data", help="local dataset file (json, jsonl or parquet) to partition")
-    up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning)")
+    up.add_argument("--insecure", action="store_true", help="no TLS (prints a warning); TLS with a fresh CA is the default")
     up.set_defaults(func=local_up)
 
     run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")

@@ -47,7 +47,7 @@ def finished_run(tmp_path_factory):
 
 
 def _security_flags() -> list[str]:
-    return ["--insecure"]
+    return []  # TLS is the default
 
 
 def test_run_completes_with_progress(finished_run):
@@ -121,11 +121,12 @@ def _tiny_llama_config() -> dict:
     return {k: config[k] for k in keys}
 
 
-def test_secure_by_default_refuses_plaintext(tmp_path):
-    proc = _fedtune("local", "up", "--profile", "tiny", "--supernodes", "1", "--results", str(tmp_path))
-    output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "--insecure" in output
-    assert not (tmp_path / ".local").exists()  # refused before anything started
+def test_flower_apis_served_over_tls(finished_run):
+    _, _, results, _ = finished_run
+    [superlink_log] = results.glob(".local/*/logs/superlink.log")
+    assert "running on https://127.0.0.1:" in superlink_log.read_text()
+    [ca_key] = results.glob(".local/*/certs/ca.key")
+    assert ca_key.stat().st_mode & 0o777 == 0o600
 
 
 def test_bad_config_is_refused_before_anything_starts(tmp_path):
