@@ -156,7 +156,7 @@ def main(grid: Grid, context: Context) -> None:
             path = save_adapter(run_dir / f"peft_{server_round}", comm.decode(arrays), settings.model)
             log.info("saved global adapter to %s", path)
 
-    result = strategy.start(
+    strategy.start(
         grid=grid,
         initial_arrays=initial,
         num_rounds=last,
@@ -176,7 +176,7 @@ def main(grid: Grid, context: Context) -> None:
         "communication_mib": strategy.cumulative_bytes / MIB,
         "failures": sum(r["failures"] for r in rounds),
         "wall_seconds": time.perf_counter() - started,
-        "final_adapter": str(run_dir / f"peft_{last}") if result.arrays else None,
+        "final_adapter": str(run_dir / f"peft_{last}") if (run_dir / f"peft_{last}").is_dir() else None,
     }
     write_json_atomic(run_dir / "summary.json", summary)
     if rounds:
