@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "app.launcher",
     "app.trainer_service",
     "app.certs",
+    "app.evaluation.cli",
 ]
 
 

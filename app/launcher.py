@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.certs import CertPaths, ensure_certs
+from app.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ConfigError, load_settings, parse_overrides
 
 APP_DIR = Path(__file__).resolve().parent.parent  # holds pyproject.toml: what `flwr run` builds
@@ -203,7 +203,7 @@ def local_up(args) -> int:
         run_config["dataset.num-partitions"] = args.supernodes
     settings = load_settings(run_config)
     if args.insecure:
-        print("WARNING: --insecure: Flower APIs run without TLS", file=sys.stderr)
+        print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
 
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
@@ -214,8 +214,9 @@ def local_up(args) -> int:
     env = flower_env(work / "flwr-home")
     port = free_port()
     address = f"127.0.0.1:{port}"
-    security = _INSECURE if args.insecure else _tls(ensure_certs(work / "certs", ["127.0.0.1"]))
-    write_cli_config(work / "flwr-home", address, security.get("root"))
+    paths = None if args.insecure else ensure_certs(work / "certs", ["127.0.0.1"], num_supernodes=args.supernodes)
+    security = _INSECURE if paths is None else _secure(paths)
+    write_cli_config(work / "flwr-home", address, security["root"])
     federation = Federation(log_dir)
     essential = ("superlink", "superexec")
     _raise_on_sigterm()
@@ -223,7 +224,7 @@ def local_up(args) -> int:
     try:
         federation.start(
             "superlink",
-            ["flower-superlink", *security["superlink"], "--isolation", "process", "--host", "127.0.0.1",
+            ["flower-superlink", *security["superlink"], "--host", "127.0.0.1",
              "--port", str(port), "--database", str(work / "state.db"), "--disable-runtime-dependency-installation"],
             env,
         )
@@ -232,6 +233,8 @@ def local_up(args) -> int:
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
                 node_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            if paths is not None:  # only registered keys may join: register before the node starts
+                register_node(paths, i, env, federation, essential)
             federation.start(
                 f"supernode-{i}",
                 [sys.executable, "-m", "app.cli", "supernode", "--", *security["supernode"](i), "--superlink", address,
@@ -257,18 +260,35 @@ def local_up(args) -> int:
     return 0 if status == "finished:completed" else 1
 
 
-_INSECURE: dict[str, Any] = {"superlink": ["--insecure"], "superexec": ["--insecure"], "supernode": lambda i: ["--insecure"], "root": None}
+_INSECURE: dict[str, Any] = {
+    "superlink": ["--insecure", "--isolation", "process"],
+    "superexec": ["--insecure"],
+    "supernode": lambda i: ["--insecure"],
+    "root": None,
+}
 
 
-def _tls(paths: CertPaths) -> dict[str, Any]:
-    """TLS on the SuperLink's one HTTP port (Fleet, Control and Runtime APIs); everyone checks it against our CA."""
-    ca = str(paths.ca_cert)
+def _secure(paths: CertPaths) -> dict[str, Any]:
+    """TLS on every Flower API and SuperNode authentication, from app.certs' one definition."""
     return {
-        "superlink": ["--ssl-certfile", str(paths.server_cert), "--ssl-keyfile", str(paths.server_key), "--ssl-ca-certfile", ca],
-        "superexec": ["--root-certificates", ca],
-        "supernode": lambda i: ["--root-certificates", ca],
-        "root": ca,
+        "superlink": flower_tls_args("superlink", paths, isolation="process"),
+        "superexec": flower_tls_args("superexec-serverapp", paths),
+        "supernode": lambda i: flower_tls_args("supernode", paths, i),
+        "root": str(paths.ca_cert.resolve()),
     }
+
+
+def register_node(paths: CertPaths, index: int, env: dict[str, str], federation: Federation, essential: tuple[str, ...], timeout: float = 120) -> None:
+    """`flwr supernode register` node `index`'s public key, retrying while the SuperLink starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = subprocess.run(register_supernode_command(paths, index), env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode == 0:
+            return
+        federation.check(essential)
+        if time.monotonic() > deadline:
+            raise LaunchError(f"could not register supernode-{index}'s key: {(done.stdout + done.stderr)[-1000:]}")
+        time.sleep(1)
 
 
 def run_submit(args) -> int:
@@ -312,7 +332,7 @@ def register(subparsers) -> None:
     up.add_argument("--supernodes", type=int, default=20, help="number of SuperNodes (default 20)")
     up.add_argument("--gpus", default="", help="comma-separated GPU ids; node i uses GPU i mod G")
     up.add_argument("--data", help="local dataset file (json, jsonl or parquet) to partition")
-    up.add_argument("--insecure", action="store_true", help="no TLS (prints a warning); TLS with a fresh CA is the default")
+    up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning); both are on by default")
     up.set_defaults(func=local_up)
 
     run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")

@@ -113,6 +113,13 @@ def test_ctrl_c_stops_everything(tmp_path):
     assert left == [], left
 
 
+def flower_superlink_args(results: Path) -> list[str]:
+    from app.certs import CertPaths, flower_tls_args
+
+    [certs] = results.glob(".local/*/certs")
+    return flower_tls_args("superlink", CertPaths(certs, NODES), isolation="process")
+
+
 def _tiny_llama_config() -> dict:
     from app.tiny import tiny_model_dir
 
@@ -127,6 +134,9 @@ def test_flower_apis_served_over_tls(finished_run):
     assert "running on https://127.0.0.1:" in superlink_log.read_text()
     [ca_key] = results.glob(".local/*/certs/ca.key")
     assert ca_key.stat().st_mode & 0o777 == 0o600
+    # SuperNode authentication: every node joined with its own registered key.
+    assert "--enable-supernode-auth" in " ".join(flower_superlink_args(results))
+    assert len(list(results.glob(".local/*/certs/supernode-*.pub"))) == NODES
 
 
 def test_bad_config_is_refused_before_anything_starts(tmp_path):

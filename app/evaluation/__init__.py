@@ -1,0 +1,6 @@
+"""FlowerTune's medical evaluation (PubMedQA, MedMCQA, MedQA, CareQA) as `fedtune eval`.
+
+`benchmarks` builds the questions (sources, splits, instructions, prompts, gold answers),
+`extract` scores a generated answer, `runner` generates the answers (a fast batched path and
+the reference's one-prompt-at-a-time path) and `cli` wires them into the command line.
+"""
