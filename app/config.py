@@ -67,6 +67,8 @@ class TrainingArguments(_Section):
     optim: Literal["paged_adamw_8bit", "adamw_torch"] = "paged_adamw_8bit"
     bf16: bool = True
     tf32: bool = True
+    # transformers' name: fused Triton RMSNorm/SwiGLU/RoPE (Liger) on CUDA; exact math, ~20 % faster steps.
+    use_liger_kernel: bool = True
 
 
 class TrainSettings(_Section):

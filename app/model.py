@@ -73,11 +73,25 @@ def lora_config(settings: ModelSettings):
     )
 
 
-def build_peft_model(settings: ModelSettings, seed: int):
+def apply_fused_kernels(base) -> None:
+    """Liger's Triton RMSNorm, SwiGLU and RoPE on a Llama instance (the LM head stays ours)."""
+    if base.config.model_type != "llama":
+        log.warning("fused kernels are wired for Llama only; %s runs unfused", base.config.model_type)
+        return
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False, model=base
+    )
+
+
+def build_peft_model(settings: ModelSettings, seed: int, use_fused_kernels: bool = False):
     """Base model + freshly initialised DoRA adapter (same seed, same initial adapter)."""
     from peft import get_peft_model
 
     base = load_base_model(settings.name, settings.quantization)
+    if use_fused_kernels and torch.cuda.is_available():
+        apply_fused_kernels(base)
     if settings.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input-grad hook and works with frozen embeddings.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -61,12 +61,14 @@ class RoundWorker:
     def _ensure_model(self, settings: Settings):
         from app.model import build_peft_model, load_tokenizer
 
-        key = (settings.model.model_dump_json(), settings.seed)
+        key = (settings.model.model_dump_json(), settings.seed, settings.train.training_arguments.use_liger_kernel)
         if key != self._model_key:
             self._model = None  # free the old one before loading the next
             started = time.perf_counter()
             self._tokenizer = load_tokenizer(settings.model.name)
-            self._model = build_peft_model(settings.model, seed=settings.seed)
+            self._model = build_peft_model(
+                settings.model, seed=settings.seed, use_fused_kernels=settings.train.training_arguments.use_liger_kernel
+            )
             self.model_load_seconds = time.perf_counter() - started
             self._model_key = key
             self._pristine = True

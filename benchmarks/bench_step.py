@@ -2,7 +2,7 @@
 
 Loads the random Llama-3-8B-shaped model once (4-bit, DoRA r=32 on q/v) and times
 `app.train.train_round` with gradient checkpointing on every layer, on every second layer,
-and off; then profiles the default. Needs the model directory made by bench_client_round.py.
+and off, without autocast, and with the fused (Liger) kernels; then profiles the last. Needs the model directory made by bench_client_round.py.
 
     python benchmarks/bench_step.py --model /tmp/fedtune-bench/llama-3-8b-random --out results.json
 """
@@ -34,7 +34,7 @@ def main() -> None:
 
     from app.config import load_settings
     from app.data import build_examples, load_partition_rows, round_batches
-    from app.model import build_peft_model, load_tokenizer
+    from app.model import apply_fused_kernels, build_peft_model, load_tokenizer
     from app.train import train_round
 
     parser = argparse.ArgumentParser(description=__doc__)
@@ -74,6 +74,12 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     set_checkpointing(model, 1)
+    plain_args = train_args
+    train_args = plain_args.model_copy(update={"bf16": False})
+    rows.append(run("recipe without autocast"))
+    train_args = plain_args
+    apply_fused_kernels(model.get_base_model())  # what `use-liger-kernel = true` does
+    rows.append(run("recipe + Liger RMSNorm/SwiGLU/RoPE (default)"))
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
