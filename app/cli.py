@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "app.trainer_service",
     "app.certs",
     "app.evaluation.cli",
+    "app.stack",
 ]
 
 

@@ -122,9 +122,10 @@ class StackSpec:
         return " ".join(parts)
 
 
-def dataset_file(name: str) -> str:
-    """Where `fedtune stack cache` exports a hub dataset's train split for the SuperNodes."""
-    return f"{CACHE}/fedtune/datasets/{name.replace('/', '__')}.jsonl"
+def dataset_file(name: str, cache: str = f"{CACHE}/fedtune") -> str:
+    """Where `fedtune stack cache` exports a hub dataset's train split for the SuperNodes
+    (`cache` is FEDTUNE_CACHE, /cache/fedtune in the images)."""
+    return f"{cache}/datasets/{name.replace('/', '__')}.jsonl"
 
 
 def _run_config(spec: StackSpec) -> str:
@@ -320,7 +321,7 @@ def cmd_cache(args) -> int:
         )
         print(f"model {settings.model.name}: {path}", flush=True)
     if settings.dataset.name != "tiny" and not settings.dataset.path:
-        target = Path(dataset_file(settings.dataset.name).replace(CACHE, os.environ.get("FEDTUNE_CACHE_ROOT", CACHE), 1))
+        target = Path(dataset_file(settings.dataset.name, os.environ.get("FEDTUNE_CACHE", f"{CACHE}/fedtune")))
         if not target.exists():
             import datasets
 
@@ -380,6 +381,10 @@ class Stack:
     def container(self, service: str):
         found = self.containers(service)
         return found[0] if found else None
+
+    def containers_by_role(self, role: str) -> list:
+        labels = [f"com.docker.compose.project={self.project}", f"fedtune.role={role}"]
+        return self.client.containers.list(all=True, filters={"label": labels})
 
     def logs(self, service: str, tail: int = 80) -> str:
         container = self.container(service)
@@ -496,7 +501,7 @@ def smoke(
     before = {p.name for p in results.glob("run-*")}
     stack.down()  # leftovers of an earlier, interrupted smoke run
     started = time.monotonic()
-    up_seconds = None
+    up_seconds, idle, run = None, {}, None
     try:
         if build:
             stack.compose("build")
@@ -537,15 +542,7 @@ def smoke(
             stack.down()
             shutil.rmtree(work, ignore_errors=True)
     run_dirs = sorted(p for p in results.glob("run-*") if p.name not in before)
-    return SmokeResult(code, up_seconds or float("nan"), total, results, run_dirs, idle if up_seconds else {}, users,
-                       stack.leftovers(), seen)
-
-
-def _containers_by_role(self: Stack, role: str) -> list:
-    return self.client.containers.list(all=True, filters={"label": [f"com.docker.compose.project={self.project}", f"fedtune.role={role}"]})
-
-
-Stack.containers_by_role = _containers_by_role  # type: ignore[attr-defined]
+    return SmokeResult(code, up_seconds or float("nan"), total, results, run_dirs, idle, users, stack.leftovers(), seen)
 
 
 # ---------------------------------------------------------------------------- CLI
