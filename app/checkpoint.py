@@ -1,11 +1,16 @@
-"""PEFT adapter directories written from a state dict, atomically (no model needed)."""
+"""PEFT adapter directories written from a state dict, atomically (no model needed), and read
+back for `resume-from` with every mismatch named."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +18,13 @@ from app.config import ModelSettings
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+# The run's position after this checkpoint's round (round, cumulative bytes, configuration),
+# inside the checkpoint directory so it is swapped in atomically with the adapter.
+RUN_STATE = "fedtune_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not match the run that wants it."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -23,7 +35,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_adapter(directory: Path, state: dict[str, np.ndarray], model: ModelSettings) -> Path:
+def save_adapter(
+    directory: Path, state: dict[str, np.ndarray], model: ModelSettings, run_state: dict[str, Any] | None = None
+) -> Path:
     """Write `directory` as a PEFT adapter that `PeftModel.from_pretrained` loads.
 
     Files go to a sibling temporary directory, are fsynced, then swapped in by rename: a crash
@@ -40,9 +54,14 @@ def save_adapter(directory: Path, state: dict[str, np.ndarray], model: ModelSett
         tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
         save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         lora_config(model).save_pretrained(str(staging))
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+        if run_state is not None:
+            (staging / RUN_STATE).write_text(json.dumps(run_state, indent=2), encoding="utf-8")
+            names.append(RUN_STATE)
+        for name in names:
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
+        _fsync_dir(staging)
         if directory.exists():
             retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-old-"))
             os.replace(directory, retired / directory.name)
@@ -57,9 +76,91 @@ def save_adapter(directory: Path, state: dict[str, np.ndarray], model: ModelSett
 
 
 def load_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no adapter weights (expected a PEFT directory)")
-    return load_file(str(path))
+        raise CheckpointError(f"{path}: no adapter weights (expected a PEFT directory)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    directory: Path
+    round: int
+    tensors: dict[str, np.ndarray]
+    state: dict[str, Any]
+
+
+# Keys that change what rounds N+1.. compute: resuming with other values would not continue the run.
+RESUME_MUST_MATCH = (
+    "seed", "num-server-rounds", "model.", "train.", "dataset.", "comm.dtype",
+    "strategy.fraction-train", "strategy.min-train-nodes", "strategy.proximal-mu",
+)
+
+
+def load_resume_point(directory: Path, flat_config: dict[str, Any]) -> ResumePoint:
+    """Read and check `<results>/run-<id>/peft_N` before the resumed run does any work."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"resume-from {directory}: not a directory (expected <results>/run-<id>/peft_<round>)")
+    state_path = directory / RUN_STATE
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        saved_round, saved_config = int(state["round"]), dict(state["config"])
+        int(state["cumulative_bytes"])
+    except FileNotFoundError:
+        raise CheckpointError(f"resume-from {directory}: no {RUN_STATE} (only checkpoints written by this version can be resumed)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"resume-from {state_path}: unreadable run state ({type(exc).__name__}: {exc})") from None
+    if (match := re.fullmatch(r"peft_(\d+)", directory.name)) and int(match.group(1)) != saved_round:
+        raise CheckpointError(f"resume-from {directory}: directory name says round {match.group(1)}, {RUN_STATE} says {saved_round}")
+    differences = [
+        f"{key}: checkpoint {saved_config.get(key)!r}, this run {value!r}"
+        for key, value in sorted(flat_config.items())
+        if key.startswith(RESUME_MUST_MATCH) and saved_config.get(key) != value
+    ]
+    if differences:
+        raise CheckpointError(f"resume-from {directory}: the checkpoint's run differs in\n  " + "\n  ".join(differences))
+    if saved_round >= flat_config["num-server-rounds"]:
+        raise CheckpointError(f"resume-from {directory}: round {saved_round} is the last of {flat_config['num-server-rounds']}; nothing to resume")
+    _check_adapter_config(directory, flat_config)
+    return ResumePoint(directory, saved_round, load_adapter_tensors(directory), state)
+
+
+def _check_adapter_config(directory: Path, flat: dict[str, Any]) -> None:
+    path = directory / ADAPTER_CONFIG
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable adapter config ({exc})") from None
+    expected = {
+        "base_model_name_or_path": flat["model.name"],
+        "r": flat["model.lora.peft-lora-r"],
+        "target_modules": sorted(m.strip() for m in flat["model.lora.peft-lora-target-modules"].split(",") if m.strip()),
+        "use_dora": flat["model.lora.use-dora"],
+    }
+    got = dict(found, target_modules=sorted(found.get("target_modules") or []))
+    wrong = [f"{key}: expected {value!r}, found {got.get(key)!r}" for key, value in expected.items() if got.get(key) != value]
+    if wrong:
+        raise CheckpointError(f"{path}: adapter does not match this run's model\n  " + "\n  ".join(wrong))
+
+
+def check_same_layout(tensors: dict[str, np.ndarray], reference: dict[str, np.ndarray], source: Path) -> None:
+    """The resumed adapter must have exactly the tensors (names and shapes) the nodes train."""
+    missing = sorted(set(reference) - set(tensors))
+    extra = sorted(set(tensors) - set(reference))
+    shapes = [
+        f"{key}: expected {tuple(reference[key].shape)}, found {tuple(tensors[key].shape)}"
+        for key in sorted(set(reference) & set(tensors))
+        if tuple(reference[key].shape) != tuple(tensors[key].shape)
+    ]
+    if missing or extra or shapes:
+        lines = [f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})"] if missing else []
+        lines += [f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)})"] if extra else []
+        lines += shapes[:10]
+        raise CheckpointError(f"{source / ADAPTER_WEIGHTS}: tensors do not match the nodes' adapter\n  " + "\n  ".join(lines))

@@ -93,7 +93,13 @@ class StrategySettings(_Section):
     fraction_evaluate: float = Field(0.0, ge=0.0, le=1.0)
     min_train_nodes: int = Field(1, ge=1)
     proximal_mu: float = Field(1.0, ge=0.0)
+    # Seconds to wait for replies; the round aggregates what arrived by then.
     round_timeout: float = Field(3600.0, gt=0.0)
+    # Fewer usable replies than this: never aggregate; retry the round (resampled) up to
+    # max-retries times and then skip it, skip it at once, or fail the run.
+    min_replies: int = Field(1, ge=1)
+    on_too_few_replies: Literal["retry", "skip", "fail"] = "retry"
+    max_retries: int = Field(2, ge=0)
 
 
 class DatasetSettings(_Section):
@@ -101,6 +107,8 @@ class DatasetSettings(_Section):
     # A local json/jsonl/parquet file with the same columns, partitioned like the hub dataset.
     path: str = ""
     num_partitions: int = Field(20, ge=1)
+    # Rows with a missing, empty or non-string `input`/`output`: drop them (counted) or fail.
+    on_bad_rows: Literal["skip", "fail"] = "skip"
 
 
 class TrainerSettings(_Section):
@@ -129,6 +137,8 @@ class Settings(BaseSettings):
     profile: Literal["bio-medical-llama3-8b", "tiny"] = SEED_PROFILE
     seed: int = Field(42, ge=0)
     num_server_rounds: int = Field(10, ge=1)
+    # A checkpoint directory `<results>/run-<id>/peft_N` to continue from, at round N+1.
+    resume_from: str = ""
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     strategy: StrategySettings = StrategySettings()

@@ -147,8 +147,9 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
             lines = metrics.read_text().splitlines()
             for line in lines[shown:]:
                 r = json.loads(line)
+                loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
                 print(
-                    f"round {r['round']:>3}: loss {r['train_loss']:.4f}  clients {len(r['clients'])}"
+                    f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
                     f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
                     f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s",
                     file=out, flush=True,
@@ -202,6 +203,12 @@ def local_up(args) -> int:
     if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
         run_config["dataset.num-partitions"] = args.supernodes
     settings = load_settings(run_config)
+    if gpus:  # issue 7: refuse before anything starts when the nodes' models do not fit
+        from app.gpu_plan import preflight
+
+        if (refused := preflight(settings, args.supernodes, gpus)) is not None:
+            print(f"fedtune: {refused}", file=sys.stderr)
+            return 2
     if args.insecure:
         print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
 

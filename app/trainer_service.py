@@ -105,6 +105,7 @@ class TrainerServer:
         self._sock.listen(4)
         self._worker = None  # created (torch imported) on the first request
         self._stopping = threading.Event()
+        self._device_reported = False
 
     def serve_forever(self) -> None:
         while not self._stopping.is_set():
@@ -131,6 +132,7 @@ class TrainerServer:
         try:
             header, tensors = recv_message(conn)
             reply, reply_tensors = self._dispatch(header, tensors)
+            self._report_device()
         except Exception as exc:  # report to the ClientApp, keep serving
             log.exception("resident trainer request failed")
             reply, reply_tensors = {"error": f"{type(exc).__name__}: {exc}"}, None
@@ -138,6 +140,16 @@ class TrainerServer:
             send_message(conn, reply, reply_tensors)
         except OSError as exc:
             log.warning("could not reply to the ClientApp: %s", exc)
+
+    def _report_device(self) -> None:
+        """Once, after the first request put the model on its device: the physical GPU this
+        process computes on (pid, CUDA_VISIBLE_DEVICES, UUID, PCI bus id), for the node's log."""
+        if self._device_reported or "torch" not in sys.modules:
+            return
+        from app.gpu_plan import DEVICE_LOG_PREFIX, describe_cuda_device
+
+        self._device_reported = True
+        print(DEVICE_LOG_PREFIX + json.dumps(describe_cuda_device()), file=sys.stderr, flush=True)
 
     def _dispatch(self, header: dict[str, Any], tensors: dict):
         from app.worker import NodeData, RoundWorker, TrainRequest

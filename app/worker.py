@@ -70,6 +70,7 @@ class RoundWorker:
                 settings.model, seed=settings.seed, use_fused_kernels=settings.train.training_arguments.use_liger_kernel
             )
             self.model_load_seconds = time.perf_counter() - started
+            _release_cached_memory()  # loading's transient buffers
             self._model_key = key
             self._pristine = True
         return self._model
@@ -132,7 +133,21 @@ class RoundWorker:
         if torch.cuda.is_available():
             metrics["peak-gpu-bytes"] = float(torch.cuda.max_memory_allocated())
         self.model_load_seconds = 0.0  # reported once, by the round that paid for it
-        return _to_numpy(adapter_state(model)), metrics
+        adapter = _to_numpy(adapter_state(model))
+        _release_cached_memory()
+        return adapter, metrics
+
+
+def _release_cached_memory() -> None:
+    """Give the round's activations back to the GPU: a resident node idles at its model's size,
+    so other nodes sharing the GPU can train (the memory plan in app/gpu_plan.py counts on it)."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _to_numpy(state) -> dict[str, np.ndarray]:
