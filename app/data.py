@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # FlowerTune's prompt (trl formatting function of the FlowerTune LLM template).
@@ -103,29 +106,60 @@ def _partition(dataset: Any, partition_id: int, num_partitions: int):
 
 
 def load_partition_rows(
-    name: str, path: str, partition_id: int, num_partitions: int, node_data_path: str = ""
+    name: str, path: str, partition_id: int, num_partitions: int, node_data_path: str = "", on_bad_rows: str = "skip"
 ) -> list[dict[str, str]]:
+    return load_partition(name, path, partition_id, num_partitions, node_data_path, on_bad_rows)[0]
+
+
+def load_partition(
+    name: str, path: str, partition_id: int, num_partitions: int, node_data_path: str = "", on_bad_rows: str = "skip"
+) -> tuple[list[dict[str, str]], int]:
     """Rows {instruction, response} of one node, from (in order of precedence) the node's own file,
-    a local file partitioned IID, the tiny synthetic set, or the hub via flwr-datasets."""
+    a local file partitioned IID, the tiny synthetic set, or the hub via flwr-datasets; and how
+    many rows were dropped for a missing, empty or non-string field (`on_bad_rows="fail"`
+    raises DataError naming the first such row instead)."""
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id {partition_id} is outside 0..{num_partitions - 1} (num-partitions={num_partitions})")
     if node_data_path:
+        source = f"dataset file {node_data_path}"
         dataset = _read_file(Path(node_data_path))
     elif path or name == "tiny":
         from app.tiny import tiny_dataset_path
 
-        dataset = _partition(_read_file(Path(path) if path else tiny_dataset_path()), partition_id, num_partitions)
+        file = Path(path) if path else tiny_dataset_path()
+        source = f"dataset file {file}, partition {partition_id} of {num_partitions}"
+        dataset = _partition(_read_file(file), partition_id, num_partitions)
     else:
         from flwr_datasets import FederatedDataset
         from flwr_datasets.partitioner import IidPartitioner
 
+        source = f"dataset {name}, partition {partition_id} of {num_partitions}"
         federated = FederatedDataset(dataset=name, partitioners={"train": IidPartitioner(num_partitions=num_partitions)})
         dataset = federated.load_partition(partition_id, "train")
-    return [
-        {"instruction": row["input"], "response": row["output"]}
-        for row in dataset
-        if isinstance(row.get("input"), str) and isinstance(row.get("output"), str) and row["input"].strip() and row["output"].strip()
-    ]
+    rows, bad = [], 0
+    for index, row in enumerate(dataset):
+        problem = next((f"'{c}' is {_describe_value(row.get(c))}" for c in REQUIRED_COLUMNS if not _usable(row.get(c))), None)
+        if problem is None:
+            rows.append({"instruction": row["input"], "response": row["output"]})
+            continue
+        if on_bad_rows == "fail":
+            raise DataError(f"{source}: row {index}: {problem} (expected a non-empty string; dataset.on-bad-rows=skip drops such rows)")
+        bad += 1
+    if bad:
+        log.warning("%s: skipped %d of %d rows with a missing, empty or non-string input/output", source, bad, bad + len(rows))
+    return rows, bad
+
+
+def _usable(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _describe_value(value: Any) -> str:
+    if value is None:
+        return "missing"
+    if isinstance(value, str):
+        return "empty"
+    return f"of type {type(value).__name__} ({value!r:.40})"
 
 
 def build_examples(rows: Sequence[dict[str, str]], tokenizer: Any, seq_length: int) -> list[Example]:

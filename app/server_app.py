@@ -194,6 +194,7 @@ class FedTuneProx(FedProx):
                     "train_loss": float(metrics["train-loss"]),
                     "proximal_term": float(metrics["proximal-term"]),
                     "num_examples": int(metrics["num-examples"]),
+                    "skipped_rows": int(metrics.get("skipped-rows", 0)),
                     "train_seconds": float(metrics["train-seconds"]),
                     "clientapp_seconds": float(metrics["clientapp-seconds"]),
                     "model_load_seconds": float(metrics["model-load-seconds"]),

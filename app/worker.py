@@ -55,6 +55,7 @@ class RoundWorker:
         self._tokenizer = None
         self._examples_key: tuple | None = None
         self._examples: list = []
+        self._skipped_rows = 0
         self._pristine = False
         self.model_load_seconds = 0.0
 
@@ -76,12 +77,13 @@ class RoundWorker:
         return self._model
 
     def _ensure_examples(self, settings: Settings, node: NodeData):
-        from app.data import build_examples, load_partition_rows
+        from app.data import build_examples, load_partition
 
         key = (settings.dataset.model_dump_json(), settings.model.name, settings.train.seq_length, node)
         if key != self._examples_key:
-            rows = load_partition_rows(
-                settings.dataset.name, settings.dataset.path, node.partition_id, node.num_partitions, node.data_path
+            rows, self._skipped_rows = load_partition(
+                settings.dataset.name, settings.dataset.path, node.partition_id, node.num_partitions, node.data_path,
+                settings.dataset.on_bad_rows,
             )
             self._examples = build_examples(rows, self._tokenizer, settings.train.seq_length)
             self._examples_key = key
@@ -124,6 +126,7 @@ class RoundWorker:
             "train-loss": result.train_loss,
             "proximal-term": result.proximal,
             "num-examples": float(len(examples)),
+            "skipped-rows": float(self._skipped_rows),
             "train-seconds": result.train_seconds,
             "client-round-seconds": time.perf_counter() - started,
             "model-load-seconds": self.model_load_seconds,

@@ -9,6 +9,7 @@ from app.data import (
     build_examples,
     collate,
     format_prompt,
+    load_partition,
     load_partition_rows,
     round_batches,
     tokenize_example,
@@ -85,3 +86,18 @@ def test_node_file_and_bad_inputs(tmp_path):
     with pytest.raises(DataError, match="unsupported type '.csv'"):
         (tmp_path / "a.csv").write_text("x")
         load_partition_rows("x", str(tmp_path / "a.csv"), 0, 1)
+
+
+def test_bad_rows_are_counted_or_named(tmp_path):
+    path = tmp_path / "site.jsonl"
+    rows = [{"input": "q0", "output": "a0"}, {"input": "q1"}, {"input": " ", "output": "a2"}, {"input": "q3", "output": None},
+            {"input": "q4", "output": "a4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept, skipped = load_partition("x", "", 0, 1, node_data_path=str(path))
+    assert [r["instruction"] for r in kept] == ["q0", "q4"] and skipped == 3
+    with pytest.raises(DataError, match=r"site.jsonl: row 1: 'output' is missing \(expected a non-empty string"):
+        load_partition("x", "", 0, 1, node_data_path=str(path), on_bad_rows="fail")
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text(json.dumps({"input": 3, "output": "a"}) + "\n")
+    with pytest.raises(DataError, match=r"row 0: 'input' is of type int \(3\)"):
+        load_partition("x", "", 0, 1, node_data_path=str(numbers), on_bad_rows="fail")
