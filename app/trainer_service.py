@@ -2,8 +2,9 @@
 
 Flower 1.42 starts a fresh ClientApp process for every message; importing torch and loading a
 4-bit 8B model each round costs more than the round's training. `fedtune supernode -- ARGS`
-runs `flower-supernode ARGS` as a child and serves a Unix socket in a 0700 directory (only this
-node's user can reach it; the peer's uid is checked too). The ClientApp finds the socket through
+runs `flower-supernode ARGS` and a trainer process as children; the trainer serves a Unix socket
+in a 0700 directory (only this node's user can reach it; the peer's uid is checked too). A
+trainer that dies is restarted; a round it was running falls back to in-process training. The ClientApp finds the socket through
 `FEDTUNE_TRAINER_SOCKET`, which every process under the SuperNode inherits, and hands it the
 round. torch is imported on the first request only, so an idle node stays small, and the
 ClientApp side needs only numpy (arrays travel as safetensors-numpy). When the
@@ -26,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -171,15 +173,38 @@ class TrainerServer:
         raise ValueError(f"unknown trainer op {header['op']!r}")
 
 
+TRAINER_START_SECONDS = 60.0
+
+
+def serve(socket_path: str) -> None:
+    """The resident trainer process: serve `socket_path` until SIGTERM."""
+    server = TrainerServer(Path(socket_path))
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    server.serve_forever()
+
+
+def _start_trainer(socket_path: str) -> subprocess.Popen:
+    """A trainer process, returned once its socket accepts connections."""
+    if os.path.exists(socket_path):
+        os.unlink(socket_path)  # a dead predecessor's: wait for the new one's
+    trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", socket_path])
+    deadline = time.monotonic() + TRAINER_START_SECONDS
+    while not os.path.exists(socket_path):
+        if trainer.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"resident trainer did not start (exit code {trainer.poll()}); socket {socket_path}")
+        time.sleep(0.05)
+    return trainer
+
+
 def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int:
-    """Run `flower-supernode flower_args` with a resident trainer beside it; stop both together."""
+    """Run `flower-supernode flower_args` with a resident trainer process beside it; restart the
+    trainer if it dies (its ClientApp meanwhile trains in-process); stop both together."""
     private_dir = None
     if socket_path is None:
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
-    server = TrainerServer(Path(socket_path))
-    thread = threading.Thread(target=server.serve_forever, name="resident-trainer", daemon=True)
-    thread.start()
+    Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    trainer = _start_trainer(socket_path)
     env = dict(os.environ, **{SOCKET_ENV: socket_path})
     child = subprocess.Popen(["flower-supernode", *flower_args], env=env)
 
@@ -189,9 +214,18 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
     try:
-        code = child.wait()
+        while (code := child.poll()) is None:
+            if trainer.poll() is not None:
+                log.warning("resident trainer exited with code %s; restarting it", trainer.returncode)
+                print(f"fedtune: resident trainer exited with code {trainer.returncode}; restarting it", file=sys.stderr, flush=True)
+                trainer = _start_trainer(socket_path)
+            time.sleep(0.5)
     finally:
-        server.stop()
+        trainer.terminate()
+        try:
+            trainer.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            trainer.kill()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
         elif os.path.exists(socket_path):
@@ -216,4 +250,7 @@ def _strip_dashdash(args: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    sys.exit(run_supernode(_strip_dashdash(sys.argv[1:])))
+    if sys.argv[1:2] == ["serve"]:
+        serve(sys.argv[2])
+    else:
+        sys.exit(run_supernode(_strip_dashdash(sys.argv[1:])))

@@ -1,8 +1,13 @@
 import os
+import socket
 import stat
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
+import psutil
 import pytest
 
 from app.trainer_service import SOCKET_ENV, TrainerServer, TrainerUnavailable, call_trainer, run_supernode
@@ -73,3 +78,77 @@ def test_wrapper_exports_socket_and_cleans_up(tmp_path, monkeypatch):
     assert run_supernode(["--insecure", "--superlink", "x:1"], str(socket_path)) == 3
     assert (tmp_path / "args").read_text().strip() == "--insecure --superlink x:1"
     assert not socket_path.exists()
+
+
+def _trainers(parent: psutil.Process) -> list[psutil.Process]:
+    found = []
+    for proc in parent.children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline()[-3:-1] == ["app.trainer_service", "serve"]:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_wrapper_restarts_a_dead_trainer(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flower-supernode"
+    fake.write_text(f"#!/bin/sh\nwhile [ ! -f {tmp_path}/stop ]; do sleep 0.2; done\nexit 0\n")
+    fake.chmod(0o755)
+    socket_path = tmp_path / "run" / "t.sock"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    wrapper = subprocess.Popen([sys.executable, "-m", "app.cli", "supernode", "--trainer-socket", str(socket_path), "--", "--insecure"],
+                               env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (socket_path.exists() and (found := _trainers(psutil.Process(wrapper.pid)))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        [first] = found
+        first.kill()
+        while time.monotonic() < deadline:
+            found = [p for p in _trainers(psutil.Process(wrapper.pid)) if p.pid != first.pid]
+            if found and socket_path.exists():
+                break
+            time.sleep(0.2)
+        assert found, "the trainer was not restarted"
+        with pytest.raises(RuntimeError, match="unknown trainer op 'ping'"):  # served by the new process
+            call_trainer(str(socket_path), {"op": "ping"}, None, 5.0)
+    finally:
+        (tmp_path / "stop").write_text("")
+        _, err = wrapper.communicate(timeout=60)
+    assert wrapper.returncode == 0 and "resident trainer exited with code -9; restarting it" in err
+    assert not socket_path.exists() and not _trainers(psutil.Process())
+
+
+def test_trainer_dying_mid_round_falls_back_to_in_process(tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import app.client_app as client_app
+    from app import comm
+
+    # A "trainer" that takes the request and dies without replying.
+    path = tmp_path / "dying.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+
+    def die():
+        conn, _ = listener.accept()
+        conn.recv(1024)
+        conn.close()
+
+    threading.Thread(target=die, daemon=True).start()
+    monkeypatch.setenv(SOCKET_ENV, str(path))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    initial = RoundWorker().initial_adapter(RUN_CONFIG)
+    config = ConfigRecord({"server-round": 1, "lr": 0.05, "proximal-mu": 0.01})
+    msg = Message(RecordDict({"arrays": comm.encode(initial, "float32"), "config": config}), dst_node_id=7, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3, "num-partitions": 20}, state=RecordDict(), run_config=RUN_CONFIG)
+    reply = client_app.train(msg, context)
+    listener.close()
+    assert not reply.has_error() and reply.content["metrics"]["resident"] == 0.0
+    assert reply.content["metrics"]["num-examples"] > 0 and isinstance(reply.content["arrays"], ArrayRecord)
