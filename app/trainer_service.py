@@ -199,6 +199,9 @@ def _start_trainer(socket_path: str) -> subprocess.Popen:
 def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int:
     """Run `flower-supernode flower_args` with a resident trainer process beside it; restart the
     trainer if it dies (its ClientApp meanwhile trains in-process); stop both together."""
+    # Before torch is imported here or in a ClientApp child: several trainers sharing one GPU
+    # must not strand memory in fragments (the 3.5 GiB logits change size every step).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     private_dir = None
     if socket_path is None:
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700

@@ -112,6 +112,53 @@ class Poller(threading.Thread):
         self.join(timeout=30)
 
 
+class LogTailer(threading.Thread):
+    """Timestamps the Flower events in every SuperNode log under `root` (the logs have no clock)."""
+
+    EVENTS = {
+        "Receiving: train message": "recv", "Receiving: query": "recv-query", "Start `flwr-clientapp` process": "clientapp",
+        "fedtune-trainer-device": "device", "Sending: train message": "send", "Sending: query": "send-query",
+        "Sent successfully": "sent",
+    }
+
+    def __init__(self, root: Path, interval: float = 0.2) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.events: list[tuple[float, str, str]] = []
+        self._offsets: dict[Path, int] = {}
+        self._stop_event = threading.Event()
+        self._earlier = set(root.glob(".local/*"))  # launches before this one
+
+    def run(self) -> None:
+        while not self._stop_event.is_set():
+            self.scan()
+            self._stop_event.wait(self.interval)
+        self.scan()
+
+    def scan(self) -> None:
+        for log in self.root.glob(".local/*/logs/supernode-*.log"):
+            if log.parent.parent in self._earlier:
+                continue
+            offset = self._offsets.get(log, 0)
+            try:
+                with open(log, "rb") as handle:
+                    handle.seek(offset)
+                    chunk = handle.read()
+            except OSError:
+                continue
+            end = chunk.rfind(b"\n") + 1
+            self._offsets[log] = offset + end
+            now = time.time()
+            for line in chunk[:end].decode(errors="replace").splitlines():
+                for needle, event in self.EVENTS.items():
+                    if needle in line:
+                        self.events.append((now, log.stem, event))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=10)
+
+
 # --- one federation --------------------------------------------------------------------------
 
 
@@ -163,11 +210,14 @@ def run_federation(name: str, nodes: int, gpus: list[str], rounds: int, clients:
         cli += ["--gpus", ",".join(gpus)]
     print(f"\n== {name}: fedtune local up {' '.join(cli)}", flush=True)
     poller = Poller()
+    tailer = LogTailer(results)
     poller.start()
+    tailer.start()
     try:
         launch = fedtune_up(cli, timeout)
     finally:
         poller.stop()
+        tailer.stop()
     out = {"name": name, "nodes": nodes, "gpus": gpus, "clients_per_round": clients, "rounds_configured": rounds,
            "run_config": " ".join(run_config), "returncode": launch["returncode"], "launcher_seconds": launch["seconds"]}
     _, logs = _find_line(launch["lines"], r"^logs: (\S+)")
@@ -183,11 +233,13 @@ def run_federation(name: str, nodes: int, gpus: list[str], rounds: int, clients:
             rounds_rows = [json.loads(line) for line in metrics.read_text().splitlines()]
         out["run_dir"] = str(run_dir)
         out["seconds_submit_to_end"] = launch["started"] + launch["seconds"] - t_submit
+    for r in rounds_rows:
+        r["clients"] = sorted(r["clients"], key=lambda c: c["partition_id"])
     out["rounds"] = [
         {
             "round": r["round"],
             "round_seconds": r["round_seconds"],
-            "nodes": sorted(c["partition_id"] for c in r["clients"]),
+            "nodes": [c["partition_id"] for c in r["clients"]],
             "train_seconds": [round(c["train_seconds"], 3) for c in r["clients"]],
             "clientapp_seconds": [round(c["clientapp_seconds"], 3) for c in r["clients"]],
             "model_load_seconds": [round(c["model_load_seconds"], 3) for c in r["clients"]],
@@ -212,6 +264,27 @@ def run_federation(name: str, nodes: int, gpus: list[str], rounds: int, clients:
                 device_records[index] = records[0]
         out["log_dir"] = logs.group(1)
     out["trainer_device_records"] = device_records
+    t0 = t_submit or launch["started"]
+    out["timeline"] = {
+        "t0": "run submitted",
+        "rounds_printed": [[round(t - t0, 2), line.strip()[:40]] for t, line in launch["lines"] if line.lstrip().startswith("round ")],
+        "node_events": [[round(t - t0, 2), node, event] for t, node, event in tailer.events],
+        # total GPU memory and each node's process, MiB, every sample
+        "memory": [
+            [round(smp["t"] - t0, 2), sum(smp["gpus"].values()),
+             {str(poller.pid_nodes.get(p)): used for p, (_, used) in smp["apps"].items()}]
+            for smp in poller.samples
+        ],
+    }
+    printed = out["timeline"]["rounds_printed"]
+    if printed and out["timeline"]["memory"]:
+        # After round 1 (which loads the models): the steady rounds' training peak.
+        steady_mem = [m for m in out["timeline"]["memory"] if m[0] > printed[0][0]]
+        if steady_mem:
+            out["steady_peak_gpu_mib"] = max(m[1] for m in steady_mem)
+            out["steady_peak_node_mib"] = {
+                n: max(m[2].get(n, 0) for m in steady_mem) for n in {k for m in steady_mem for k in m[2]}
+            }
     out |= memory_summary(poller, gpus, nodes)
     out["mapping_ok"] = check_mapping(out, gpus, nodes)
     return out
