@@ -122,6 +122,12 @@ class StackSpec:
         return " ".join(parts)
 
 
+def smoke_spec(nodes: int = DEFAULT_NODES, rounds: int = 2, project: str = "fedtune-smoke") -> StackSpec:
+    """The CPU smoke variant (compose.smoke.yaml): tiny profile, no GPU reservations, SuperLink
+    port published on a random loopback port only."""
+    return StackSpec(nodes=nodes, profile="tiny", no_gpu=True, rounds=rounds, name=project, publish=f"127.0.0.1::{PORT}")
+
+
 def dataset_file(name: str, cache: str = f"{CACHE}/fedtune") -> str:
     """Where `fedtune stack cache` exports a hub dataset's train split for the SuperNodes
     (`cache` is FEDTUNE_CACHE, /cache/fedtune in the images)."""
@@ -241,11 +247,34 @@ def compose_spec(spec: StackSpec) -> dict[str, Any]:
         "depends_on": {"register": done, "serverapp": {"condition": "service_started"}},
         "volumes": [f"certs:{CERTS}:ro", results],
     }
+    for name, service in services.items():
+        if name != "run":
+            # Only `run` is attached: `docker compose up --exit-code-from run` then ends when the run
+            # does, not when a one-shot service completes or a SuperNode restarts (attached
+            # containers' exits abort the whole stack). Their logs: `docker compose logs SERVICE`.
+            service["attach"] = False
     return {
         "name": spec.name,
         "services": services,
         "volumes": {"certs": {}, "model-cache": {}, "superlink-state": {}},
     }
+
+
+def _dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """No &anchors/*aliases; short lists of scalars (commands, ports) on one line."""
+
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    def represent_list(dumper, data):
+        flow = all(isinstance(x, (str, int, float, bool)) for x in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    Dumper.add_representer(list, represent_list)
+    return Dumper
 
 
 def render_compose(spec: StackSpec) -> str:
@@ -257,7 +286,7 @@ def render_compose(spec: StackSpec) -> str:
         "# Settings (.env, see .env.example): FEDTUNE_BASE_IMAGE, FEDTUNE_PIP_OFFLINE, FEDTUNE_UID/GID,\n"
         "# FEDTUNE_RESULTS, FEDTUNE_SUPERLINK_PUBLISH, FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN.\n"
     )
-    return header + yaml.safe_dump(compose_spec(spec), sort_keys=False, default_flow_style=False, width=4096)
+    return header + yaml.dump(compose_spec(spec), Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=100)
 
 
 # ---------------------------------------------------------------------------- in-container commands
@@ -276,6 +305,43 @@ def cmd_certs(args) -> int:
     return 0
 
 
+def _register_keys_in_process(paths, nodes: int, deadline: float, out=sys.stdout) -> None:
+    """What `flwr supernode register` does, for all keys over one Control API client: one Python
+    start instead of one per node (20 CLI starts cost half a minute of CPU on a small host).
+    Uses flwr 1.42's CLI internals; ImportError makes the caller fall back to the CLI."""
+    import click
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.cli.utils import flwr_cli_exc_handler, init_http_client_from_connection
+    from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+
+    client = None
+    try:
+        for i in range(nodes):
+            key = try_load_public_key(paths.supernode_pub(i))
+            while True:
+                try:
+                    if client is None:
+                        client = init_http_client_from_connection(read_superlink_connection(FEDERATION))
+                    with flwr_cli_exc_handler():
+                        reply = client.RegisterNode(request=RegisterNodeRequest(public_key=key, name=f"supernode-{i}"))
+                    print(f"supernode-{i}: registered (node id {reply.node_id})", file=out, flush=True)
+                    break
+                except click.ClickException as exc:
+                    if "already in use" in exc.message:
+                        print(f"supernode-{i}: already registered", file=out, flush=True)
+                        break
+                    if time.monotonic() > deadline:
+                        raise StackError(f"could not register supernode-{i}: {exc.message}") from None
+                    if client is not None:
+                        client.close()
+                        client = None
+                    time.sleep(2)
+    finally:
+        if client is not None:
+            client.close()
+
+
 def cmd_register(args) -> int:
     """Register SuperNode keys 0..N-1 with the SuperLink; a key it already knows is fine."""
     from app.certs import CertPaths, flwr_cli_config, register_supernode_command
@@ -283,11 +349,19 @@ def cmd_register(args) -> int:
     paths = CertPaths(Path(args.certs), args.nodes)
     home = Path(tempfile.mkdtemp(prefix="fedtune-register-"))
     (home / "config.toml").write_text(flwr_cli_config(paths, args.superlink, FEDERATION))
-    env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
+    os.environ.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0")
     deadline = time.monotonic() + args.timeout
+    try:
+        _register_keys_in_process(paths, args.nodes, deadline)
+        return 0
+    except ImportError as exc:  # another flwr version: one `flwr supernode register` per key
+        print(f"flwr internals unavailable ({exc}); using the flwr CLI", file=sys.stderr)
+    except StackError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 1
     for i in range(args.nodes):
         while True:
-            done = subprocess.run(register_supernode_command(paths, i, FEDERATION), env=env, capture_output=True, text=True)
+            done = subprocess.run(register_supernode_command(paths, i, FEDERATION), capture_output=True, text=True)
             output = done.stdout + done.stderr
             if done.returncode == 0 or "already in use" in output:
                 print(f"supernode-{i}: registered" + (" (already)" if done.returncode else ""), flush=True)
@@ -425,6 +499,35 @@ class Stack:
             parts.append(f"----- logs of {service} (last 80 lines) -----\n{self.logs(service)}")
         return "\n".join(parts)
 
+    def phases(self, since: float) -> dict[str, float]:
+        """Seconds from `since` (a time.time()) to each step of the start-up, from container state."""
+
+        def at(stamp: str | None) -> float | None:
+            if not stamp or stamp.startswith("0001-"):
+                return None
+            from datetime import datetime
+
+            head, _, frac = stamp.rstrip("Z").partition(".")
+            return datetime.fromisoformat(f"{head}.{(frac + '000000')[:6]}+00:00").timestamp() - since
+
+        marks: dict[str, float] = {}
+        nodes = []
+        for c in self.containers():
+            service, state = c.labels.get("com.docker.compose.service", c.name), c.attrs["State"]
+            if service in ("certs", "model-cache", "register") and at(state.get("FinishedAt")) is not None:
+                marks[f"{service} done"] = at(state["FinishedAt"])
+            if service == "superlink":
+                marks["superlink started"] = at(state.get("StartedAt"))
+            if service == "register":
+                # Compose starts `register` once the SuperLink's healthcheck passes (Docker keeps
+                # only the last five health probes, so the first success is not on record).
+                marks["superlink healthy (register started)"] = at(state.get("StartedAt"))
+            if service.startswith("supernode-"):
+                nodes.append(at(state.get("StartedAt")))
+        if nodes and None not in nodes:
+            marks["first supernode started"], marks["last supernode started"] = min(nodes), max(nodes)
+        return {k: round(v, 1) for k, v in sorted(marks.items(), key=lambda kv: kv[1]) if v is not None}
+
     def memory_mib(self, containers: list) -> dict[str, float]:
         """Memory as `docker stats` shows it (usage less inactive page cache), per container, in MiB."""
         sizes: dict[str, float] = {}
@@ -455,6 +558,7 @@ class SmokeResult:
     users: dict[str, set[str]]  # service -> uids its processes ran as (host view, `docker top`)
     leftovers: dict[str, list[str]]
     log: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # seconds after `up` (see Stack.phases)
 
 
 def _ensure_results_dir(path: Path, uid: int) -> None:
@@ -490,8 +594,7 @@ def smoke(
     `check(stack)` (tests) runs while the finished stack is still up. Raises StackError with the
     failing service's logs if anything fails; the stack is torn down either way unless `keep`.
     """
-    spec = StackSpec(nodes=nodes, profile="tiny", no_gpu=True, rounds=rounds, name=project,
-                     publish=f"127.0.0.1::{PORT}")
+    spec = smoke_spec(nodes, rounds, project)
     work = Path(tempfile.mkdtemp(prefix="fedtune-stack-"))
     compose_file = work / "compose.smoke.yaml"
     compose_file.write_text(render_compose(spec))
@@ -500,8 +603,8 @@ def smoke(
     _ensure_results_dir(results, _image_uid(stack, app_image()))
     before = {p.name for p in results.glob("run-*")}
     stack.down()  # leftovers of an earlier, interrupted smoke run
-    started = time.monotonic()
-    up_seconds, idle, run = None, {}, None
+    started, wall = time.monotonic(), time.time()
+    up_seconds, idle, run, phases = None, {}, None, {}
     try:
         if build:
             stack.compose("build")
@@ -534,6 +637,9 @@ def smoke(
             c.labels["com.docker.compose.service"]: {row[0] for row in c.top(ps_args="-o uid,pid,comm")["Processes"]}
             for c in stack.containers() if c.status == "running"
         }
+        phases = stack.phases(wall)
+        if up_seconds is not None:
+            phases["all supernodes online (seen by run)"] = round(up_seconds, 1)
         if check is not None:
             check(stack)
         total = time.monotonic() - started
@@ -542,7 +648,7 @@ def smoke(
             stack.down()
             shutil.rmtree(work, ignore_errors=True)
     run_dirs = sorted(p for p in results.glob("run-*") if p.name not in before)
-    return SmokeResult(code, up_seconds or float("nan"), total, results, run_dirs, idle, users, stack.leftovers(), seen)
+    return SmokeResult(code, up_seconds or float("nan"), total, results, run_dirs, idle, users, stack.leftovers(), seen, phases)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -588,6 +694,7 @@ def cmd_smoke(args) -> int:
         "run_exit_code": result.run_exit_code,
         "up_to_all_supernodes_online_s": round(result.up_seconds, 1),
         "total_s": round(result.total_seconds, 1),
+        "phases_s": result.phases,
         "run_dirs": [str(p) for p in result.run_dirs],
         "idle_supernode_memory_mib": {"min": round(idle[0], 1), "median": round(idle[len(idle) // 2], 1),
                                       "max": round(idle[-1], 1)} if idle else None,

@@ -14,5 +14,9 @@ if [ ! -f "$stamp" ] || ! cmp -s pyproject.toml "$stamp"; then
   .venv/bin/python -m pip install --quiet -e '.[test]'
   cp pyproject.toml "$stamp"
 fi
+# The Compose stack tests need Docker Compose v2; Debian's docker.io ships only 1.x.
+if command -v docker >/dev/null && docker info >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
+  docker/install-compose.sh
+fi
 export FLWR_TELEMETRY_ENABLED=0 PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

@@ -152,3 +152,12 @@ def test_trainer_dying_mid_round_falls_back_to_in_process(tmp_path, monkeypatch)
     listener.close()
     assert not reply.has_error() and reply.content["metrics"]["resident"] == 0.0
     assert reply.content["metrics"]["num-examples"] > 0 and isinstance(reply.content["arrays"], ArrayRecord)
+
+
+def test_fedtune_command_line_imports_no_torch():
+    """`fedtune supernode` waits in every SuperNode container: building the CLI must not pull in
+    torch or transformers (half a GB of resident memory per idle node)."""
+    code = ("import sys; from app.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

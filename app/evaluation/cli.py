@@ -8,9 +8,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.evaluation.benchmarks import BENCHMARKS, EvalDataError, Question, load_questions, parse_names
-from app.evaluation.runner import FastOptions, generate_answers, reference_new_tokens, score
+
+# app.evaluation.runner imports torch: only inside the commands, so that building the `fedtune`
+# parser (every sub-command, e.g. the SuperNode wrapper) stays light.
+if TYPE_CHECKING:
+    from app.evaluation.runner import FastOptions
 
 DEFAULT_DATASETS = "pubmedqa,medmcqa,medqa,careqa"
 
@@ -42,13 +47,12 @@ def register(subparsers) -> None:
     parser.add_argument("--run-name", default="fl")
     parser.add_argument("--output-dir", type=Path, default=Path("results/eval"))
     fast = parser.add_argument_group("fast path (without --exact)")
-    defaults = FastOptions()
-    fast.add_argument("--batch-tokens", type=_positive_int, default=defaults.batch_tokens,
-                      help="padded prompt tokens per forward pass")
+    fast.add_argument("--batch-tokens", type=_positive_int, default=None,
+                      help="padded prompt tokens per forward pass (default 16384)")
     fast.add_argument("--compute-dtype", choices=("float16", "bfloat16"), default="float16",
                       help="compute type of the 4-bit layers (residual stream, attention and LM head stay float32)")
-    fast.add_argument("--recheck-margin", type=float, default=defaults.recheck_margin,
-                      help="recompute one at a time the answers whose top-two logit margin is below this")
+    fast.add_argument("--recheck-margin", type=float, default=None,
+                      help="recompute one at a time the answers whose top-two logit margin is below this (default 0.005)")
     parser.set_defaults(func=run)
 
 
@@ -62,11 +66,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import torch
 
+    from app.evaluation.runner import FastOptions
+
     model, tokenizer = load_model(args.base_model, args.peft_path, args.quantization)
     options = None
     if not args.exact:
-        options = FastOptions(batch_tokens=args.batch_tokens, recheck_margin=args.recheck_margin,
-                              compute_dtype=getattr(torch, args.compute_dtype))
+        given = {"batch_tokens": args.batch_tokens, "recheck_margin": args.recheck_margin}
+        options = FastOptions(compute_dtype=getattr(torch, args.compute_dtype),
+                              **{k: v for k, v in given.items() if v is not None})
     summary = evaluate(model, tokenizer, question_sets, exact=args.exact, batch_size=args.batch_size,
                        options=options, output_dir=args.output_dir, run_name=args.run_name)
     summary.update(base_model=args.base_model, peft_path=args.peft_path, quantization=args.quantization)
@@ -94,6 +101,8 @@ def load_model(base_model: str, peft_path: str | None, quantization: int):
 def evaluate(model, tokenizer, question_sets: dict[str, list[Question]], *, exact: bool, batch_size: int,
              options: FastOptions | None, output_dir: Path, run_name: str) -> dict:
     """Answer, score and write each benchmark; returns the summary (accuracies and their average)."""
+    from app.evaluation.runner import generate_answers, reference_new_tokens, score
+
     from tqdm import tqdm
 
     output_dir.mkdir(parents=True, exist_ok=True)

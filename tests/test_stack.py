@@ -1,0 +1,107 @@
+"""The compose generator (app/stack.py): committed files equal its output; parameters; Compose accepts it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.certs import CertPaths, flower_tls_args
+from app.stack import REPO, StackSpec, compose_spec, render_compose, smoke_spec
+
+
+def _compose_v2() -> bool:
+    return shutil.which("docker") is not None and subprocess.run(
+        ["docker", "compose", "version"], capture_output=True).returncode == 0
+
+
+needs_compose = pytest.mark.skipif(not _compose_v2(), reason="Docker Compose v2 missing (docker/install-compose.sh)")
+
+
+def test_committed_compose_files_equal_generator_output():
+    assert (REPO / "compose.yaml").read_text() == render_compose(StackSpec(nodes=20, gpus=8)), \
+        "compose.yaml is stale: fedtune stack compose --nodes 20 --gpus 8 > compose.yaml"
+    assert (REPO / "compose.smoke.yaml").read_text() == render_compose(smoke_spec()), \
+        "compose.smoke.yaml is stale: regenerate it with the command in its first line"
+
+
+def test_generator_nodes_gpus_and_flags():
+    spec = compose_spec(StackSpec(nodes=5, gpus=3))
+    services = spec["services"]
+    nodes = [s for s in services if s.startswith("supernode-")]
+    assert nodes == [f"supernode-{i}" for i in range(5)]
+    paths = CertPaths(Path("/certs"), 5)
+    for i in range(5):
+        node = services[f"supernode-{i}"]
+        devices = node["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "device_ids": [str(i % 3)], "capabilities": ["gpu"]}]
+        command = node["command"]
+        assert command[:3] == ["fedtune", "supernode", "--"]
+        assert command[3:3 + len(flower_tls_args("supernode", paths, i))] == flower_tls_args("supernode", paths, i)
+        assert command[-2:] == ["--node-config", f"partition-id={i} num-partitions=5"]
+        assert "--isolation" in command and command[command.index("--isolation") + 1] == "subprocess"
+        assert node["restart"] == "on-failure"
+        assert "model-cache:/cache:ro" in node["volumes"] and "certs:/certs:ro" in node["volumes"]
+        assert node["depends_on"]["register"]["condition"] == "service_completed_successfully"
+    superlink = services["superlink"]
+    assert superlink["command"][:len(flower_tls_args("superlink", paths, isolation="process")) + 1] == [
+        "flower-superlink", *flower_tls_args("superlink", paths, isolation="process")]
+    assert "--health-server-address" in superlink["command"] and "healthcheck" in superlink
+    assert superlink["ports"] == ["${FEDTUNE_SUPERLINK_PUBLISH:-9093}:9093"]  # one port: Fleet + Control
+    assert not any("ports" in s for name, s in services.items() if name != "superlink")
+    assert services["serverapp"]["command"][0] == "flower-superexec" and "deploy" not in services["serverapp"]
+    run = services["run"]["command"]
+    assert run[:2] == ["fedtune", "run"] and run[run.index("--nodes") + 1] == "5"
+    assert "dataset.num-partitions=5" in run[run.index("--run-config") + 1]
+    assert services["certs"]["command"][-2:] == ["--supernodes", "5"]
+    assert set(spec["volumes"]) == {"certs", "model-cache", "superlink-state"}
+
+
+def test_generator_no_gpu_smoke_variant():
+    spec = compose_spec(smoke_spec(nodes=3, rounds=2))
+    assert not any("deploy" in s for s in spec["services"].values())
+    run = spec["services"]["run"]["command"]
+    assert run[run.index("--profile") + 1] == "tiny" and run[run.index("--rounds") + 1] == "2"
+    assert spec["services"]["superlink"]["ports"] == ["127.0.0.1::9093"]
+    assert spec["name"] == "fedtune-smoke"
+
+
+def test_generator_rejects_bad_parameters():
+    with pytest.raises(ValueError):
+        compose_spec(StackSpec(nodes=0))
+    with pytest.raises(ValueError):
+        compose_spec(StackSpec(gpus=0))
+    assert "deploy" not in compose_spec(StackSpec(nodes=1, gpus=0, no_gpu=True))["services"]["supernode-0"]
+
+
+def test_rendered_yaml_round_trips():
+    text = render_compose(StackSpec(nodes=4, gpus=2))
+    assert "&id" not in text and "*id" not in text  # no YAML aliases
+    assert yaml.safe_load(text) == compose_spec(StackSpec(nodes=4, gpus=2))
+
+
+@needs_compose
+@pytest.mark.parametrize("name", ["compose.yaml", "compose.smoke.yaml"])
+def test_docker_compose_config_accepts_committed_files(name, tmp_path):
+    done = subprocess.run(
+        ["docker", "compose", "--env-file", "/dev/null", "-f", str(REPO / name), "--project-directory", str(REPO),
+         "config", "--format", "json"],
+        capture_output=True, text=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
+    assert done.returncode == 0, done.stderr
+    config = json.loads(done.stdout)
+    nodes = [s for s in config["services"] if s.startswith("supernode-")]
+    assert len(nodes) == 20
+    gpu = name == "compose.yaml"
+    for i in range(20):
+        node = config["services"][f"supernode-{i}"]
+        assert node["command"][-1] == f"partition-id={i} num-partitions=20"
+        if gpu:
+            assert node["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [str(i % 8)]
+        else:
+            assert "deploy" not in node
+    assert config["services"]["serverapp"]["volumes"][1]["source"] == str(REPO / "results")

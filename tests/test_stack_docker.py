@@ -1,0 +1,147 @@
+"""The Compose stack on the real Docker engine (docker SDK): images, a healthy SuperLink, and the
+whole smoke stack (20 SuperNodes, 2 rounds, tiny profile, no GPU).
+
+Skipped where no Docker engine or no Docker Compose v2 answers. Missing or stale images are
+(re)built first with `docker/build-images.sh --offline` (cached layers: seconds when only app/
+changed; the first build takes several minutes and downloads about 3 GB of wheels); set
+FEDTUNE_STACK_NO_BUILD=1 to use the images as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from app.stack import REPO, UID, Stack, app_image, render_compose, smoke, smoke_spec, superlink_image
+
+docker = pytest.importorskip("docker")
+
+
+def _engine():
+    try:
+        client = docker.from_env(timeout=30)
+        client.ping()
+        return client
+    except Exception:  # noqa: BLE001 - no engine, no socket, no permission: skip
+        return None
+
+
+CLIENT = _engine()
+COMPOSE = CLIENT is not None and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+pytestmark = pytest.mark.skipif(not COMPOSE, reason="needs a Docker engine and Docker Compose v2 (docker/install-compose.sh)")
+NODES = 20
+
+
+@pytest.fixture(scope="module")
+def images():
+    if os.environ.get("FEDTUNE_STACK_NO_BUILD") != "1":
+        done = subprocess.run([str(REPO / "docker" / "build-images.sh"), "--offline"], capture_output=True, text=True, timeout=3600)
+        assert done.returncode == 0, f"image build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return {"app": CLIENT.images.get(app_image()), "superlink": CLIENT.images.get(superlink_image())}
+
+
+def test_images_run_as_non_root_and_carry_no_secret(images):
+    for image in images.values():
+        config = image.attrs["Config"]
+        assert config["User"] == f"{UID}:{UID}"
+        assert not config.get("Volumes"), "an image VOLUME would leave anonymous volumes behind"
+        assert not any(k.startswith(("HF_TOKEN", "FLWR_SECRET")) for k in (e.split("=")[0] for e in config.get("Env") or []))
+    for name, image in images.items():
+        listing = CLIENT.containers.run(
+            image.id, ["sh", "-c", "find / -xdev \\( -name '*.key' -o -name '*.secret' -o -name 'ca.crt' \\) "
+                       "-not -path '/proc/*' -not -path '*/site-packages/*' 2>/dev/null; ls -A /certs"],
+            remove=True, network_mode="none").decode()
+        assert listing.strip() == "", f"{name} image holds key material: {listing}"
+    # the SuperLink image is flwr alone: no torch
+    out = CLIENT.containers.run(images["superlink"].id, ["python", "-c", "import importlib.util as u; print(u.find_spec('torch'))"],
+                                remove=True, network_mode="none").decode().strip()
+    assert out == "None"
+    assert images["superlink"].attrs["Size"] < images["app"].attrs["Size"] / 5
+
+
+def _compose_file(tmp_path: Path, project: str, nodes: int = NODES) -> Path:
+    path = tmp_path / "compose.yaml"
+    path.write_text(render_compose(smoke_spec(nodes=nodes, project=project)))
+    return path
+
+
+def test_superlink_comes_up_healthy_with_tls(images, tmp_path):
+    project = "fedtune-test-superlink"
+    stack = Stack(_compose_file(tmp_path, project, nodes=2), project, env={"FEDTUNE_RESULTS": str(tmp_path)})
+    stack.down()
+    try:
+        stack.compose("up", "--detach", "superlink", capture=True, timeout=300)
+        deadline = time.monotonic() + 120
+        while True:
+            container = stack.container("superlink")
+            container.reload()
+            health = container.attrs["State"].get("Health", {}).get("Status")
+            if health == "healthy":
+                break
+            assert container.status == "running", stack.logs("superlink")
+            assert time.monotonic() < deadline, f"superlink not healthy ({health}):\n{stack.logs('superlink')}"
+            time.sleep(2)
+        assert stack.container("certs").attrs["State"]["ExitCode"] == 0
+        ports = container.attrs["NetworkSettings"]["Ports"]
+        assert list(ports) == ["9093/tcp"] and ports["9093/tcp"][0]["HostIp"] == "127.0.0.1"
+        uids = {row[0] for row in container.top(ps_args="-o uid,pid,comm")["Processes"]}
+        assert uids == {str(UID)}
+        log = stack.logs("superlink", tail=200)
+        assert "https://" in log, log  # TLS on the one port
+        # plaintext is refused on the published port
+        host_port = ports["9093/tcp"][0]["HostPort"]
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", int(host_port), timeout=5)
+        with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+            conn.request("GET", "/health")
+            status = conn.getresponse().status
+            raise ConnectionError(f"plain HTTP answered {status}") if status == 200 else http.client.HTTPException(status)
+    finally:
+        stack.down()
+    assert stack.leftovers() == {"containers": [], "networks": [], "volumes": []}
+
+
+def test_smoke_stack_runs_two_rounds_with_twenty_supernodes(images, tmp_path):
+    results = tmp_path / "results"
+    seen: dict = {}
+
+    def check(stack: Stack) -> None:
+        nodes = stack.containers_by_role("supernode")
+        seen["nodes"] = sorted(c.labels["com.docker.compose.service"] for c in nodes)
+        seen["restarts"] = {c.name: c.attrs["RestartCount"] for c in nodes}
+        seen["configured_users"] = {c.attrs["Config"]["User"] for c in nodes}
+
+    result = smoke(nodes=NODES, rounds=2, results=results, project="fedtune-test-smoke", check=check)
+
+    assert result.run_exit_code == 0
+    assert f"SuperNodes online: {NODES}/{NODES}" in result.log
+    assert seen["nodes"] == sorted(f"supernode-{i}" for i in range(NODES))
+    assert set(seen["restarts"].values()) == {0}
+    # every SuperNode's processes ran as the unprivileged user (host view, `docker top`)
+    node_uids = {u for service, uids in result.users.items() if service.startswith("supernode-") for u in uids}
+    assert len([s for s in result.users if s.startswith("supernode-")]) == NODES
+    assert node_uids == {str(UID)} and seen["configured_users"] == {f"{UID}:{UID}"}
+
+    assert len(result.run_dirs) == 1, result.run_dirs
+    run_dir = result.run_dirs[0]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["failures"] == 0 for r in rounds)
+    adapter = run_dir / "peft_2"
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+
+    from peft import PeftModel
+
+    from app.model import load_base_model
+
+    model = PeftModel.from_pretrained(load_base_model("tiny", quantization=0), str(adapter))
+    assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+    assert result.leftovers == {"containers": [], "networks": [], "volumes": []}
+    assert not CLIENT.volumes.list(filters={"dangling": True, "label": "com.docker.compose.project=fedtune-test-smoke"})
