@@ -3,6 +3,8 @@ back for `resume-from` with every mismatch named."""
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
@@ -35,13 +37,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "renameat2"):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):  # kernel or filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def save_adapter(
     directory: Path, state: dict[str, np.ndarray], model: ModelSettings, run_state: dict[str, Any] | None = None
 ) -> Path:
     """Write `directory` as a PEFT adapter that `PeftModel.from_pretrained` loads.
 
-    Files go to a sibling temporary directory, are fsynced, then swapped in by rename: a crash
-    at any point leaves either the previous checkpoint or the new one, never half of one.
+    Files go to a sibling temporary directory, are fsynced, then swapped in by rename (an atomic
+    exchange when a previous version exists): a crash at any point leaves either the previous
+    checkpoint or the new one at `directory`, never half of one. Temporary directories a
+    killed save left behind are removed by the next save of the same checkpoint.
     """
     from safetensors.numpy import save_file
 
@@ -49,6 +67,8 @@ def save_adapter(
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in directory.parent.glob(f".{directory.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
         tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
@@ -62,16 +82,16 @@ def save_adapter(
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_dir(staging)
-        if directory.exists():
+        if not directory.exists():
+            os.replace(staging, directory)
+        elif not _exchange(staging, directory):
             retired = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-old-"))
             os.replace(directory, retired / directory.name)
             os.replace(staging, directory)
             shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, directory)
         _fsync_dir(directory.parent)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the previous version
     return directory
 
 

@@ -94,3 +94,59 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         checkpoint.save_adapter(tmp_path / "peft_5", {"base_model.model.x.lora_A.weight": np.zeros((2, 2), dtype=np.float32)}, settings.model)
     assert np.array_equal(checkpoint.load_adapter_tensors(tmp_path / "peft_5")["base_model.model.x.lora_A.weight"], np.ones((2, 2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft_5"]  # no staging left behind
+
+
+WRITER = """
+import itertools, sys
+from pathlib import Path
+import numpy as np
+from app.checkpoint import save_adapter
+from app.config import load_settings
+model = load_settings({"profile": "tiny"}).model
+for version in itertools.count():
+    save_adapter(Path(sys.argv[1]), {"w": np.full((256, 256), version, np.float32)}, model, {"version": version})
+    print(version, flush=True)
+"""
+
+
+def _consistent_version(path) -> int:
+    """The checkpoint at `path` loads, and its weights and run state are of the same save."""
+    import os
+    from pathlib import Path
+
+    fd = os.open(path, os.O_RDONLY)  # one directory for both reads, even if a save swaps it meanwhile
+    try:
+        opened = Path(f"/proc/self/fd/{fd}")
+        weights = checkpoint.load_adapter_tensors(opened)["w"]
+        state = json.loads((opened / checkpoint.RUN_STATE).read_text())
+        json.loads((opened / checkpoint.ADAPTER_CONFIG).read_text())
+    finally:
+        os.close(fd)
+    assert (weights == state["version"]).all()
+    return state["version"]
+
+
+def test_kill_during_save_leaves_a_whole_checkpoint(tmp_path):
+    import random
+    import subprocess
+    import sys
+    import time
+
+    target = tmp_path / "peft_3"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "0"  # a first version exists; now it is replaced over and over
+        seen, deadline = set(), time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:  # readers meanwhile always see a whole version
+            seen.add(_consistent_version(target))
+            time.sleep(random.uniform(0, 0.02))
+        time.sleep(random.uniform(0, 0.2))
+        writer.kill()  # almost surely inside save_adapter: it does nothing else
+        writer.wait()
+        final = _consistent_version(target)
+    finally:
+        writer.kill()
+    assert len(seen) > 1 and final >= max(seen)
+    # The next save removes what the killed one left behind.
+    checkpoint.save_adapter(target, {"w": np.full((256, 256), 7, np.float32)}, load_settings({"profile": "tiny"}).model, {"version": 7})
+    assert _consistent_version(target) == 7 and sorted(p.name for p in tmp_path.iterdir()) == ["peft_3"]
