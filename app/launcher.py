@@ -28,6 +28,7 @@ from app.config import ConfigError, load_settings, parse_overrides
 APP_DIR = Path(__file__).resolve().parent.parent  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
 POLL_SECONDS = 2.0
+MAX_RESTARTS = 20  # per SuperNode and launch: beyond that it is a crash loop, not a fault
 
 
 class LaunchError(RuntimeError):
@@ -78,6 +79,8 @@ class Federation:
 
     log_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -85,12 +88,23 @@ class Federation:
             command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
         log.close()
+        self.commands[name] = (command, env)
 
-    def check(self, essential: tuple[str, ...]) -> None:
-        for name in essential:
-            code = self.processes[name].poll()
-            if code is not None:
+    def check(self, essential: tuple[str, ...], out=sys.stdout) -> None:
+        """Raise if an essential component exited; restart any other (a SuperNode) that did."""
+        for name, proc in list(self.processes.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            if name in essential:
                 raise LaunchError(f"{name} exited with code {code}; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
+            # Its session may outlive it (flower-supernode, ClientApp, trainer): stop it whole first.
+            _signal_group(proc, signal.SIGKILL)
+            self.restarts[name] = self.restarts.get(name, 0) + 1
+            if self.restarts[name] > MAX_RESTARTS:
+                raise LaunchError(f"{name} exited with code {code} after {MAX_RESTARTS} restarts; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
+            print(f"{name} exited with code {code}; restarting it (restart {self.restarts[name]})", file=out, flush=True)
+            self.start(name, *self.commands[name])
 
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"

@@ -1,0 +1,99 @@
+"""Faults in a real federation (`fedtune local up`, real processes): a SuperNode killed while it
+trains, and a resident trainer killed between rounds."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+from app.checkpoint import load_adapter_tensors
+
+NODES, ROUNDS, TIMEOUT = 3, 3, 60
+
+
+def _node_processes(results: Path, node: int) -> list[psutil.Process]:
+    """Every process of SuperNode `node` (wrapper, flower-supernode, ClientApp, trainer)."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            home = proc.environ().get("FLWR_HOME", "")
+            if home.startswith(str(results)) and Path(home).name == f"node-{node}" and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _wait(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def _rounds(run: Path) -> list[dict]:
+    path = run / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_killed_supernode_and_trainer(tmp_path):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "local", "up", "--profile", "tiny", "--supernodes", str(NODES), "--rounds", str(ROUNDS),
+         "--results", str(tmp_path), "--run-config", f"strategy.fraction-train=1.0 strategy.round-timeout={TIMEOUT}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        submitted = _wait(lambda: next((ln for ln in lines if "submitted; results in" in ln), None), 400, "the run")
+        run = Path(submitted.split("results in ")[1].strip())
+
+        # Round 2: kill SuperNode 1 whole (as a machine would die) while its ClientApp runs.
+        _wait(lambda: len(_rounds(run)) >= 1, 300, "round 1")
+        clientapp = _wait(lambda: [p for p in _node_processes(tmp_path, 1) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 2 on node 1")
+        assert clientapp
+        for p in _node_processes(tmp_path, 1):
+            p.send_signal(signal.SIGKILL)
+
+        # Between rounds 2 and 3: kill SuperNode 2's resident trainer only.
+        _wait(lambda: len(_rounds(run)) >= 2, TIMEOUT + 120, "round 2")
+        [trainer] = [p for p in _node_processes(tmp_path, 2) if "app.trainer_service" in p.cmdline() and "serve" in p.cmdline()]
+        trainer.kill()
+        output, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    output = "".join(lines)
+    assert proc.returncode == 0, output
+    assert "supernode-1 exited with code" in output and "restarting it (restart 1)" in output
+
+    first, lost, after = _rounds(run)
+    per_transfer = first["bytes_down"] // NODES
+    # The round completed with the two replies that arrived, weighted over those only.
+    assert lost["status"] == "aggregated" and lost["failures"] == 1
+    assert sorted(c["partition_id"] for c in lost["clients"]) == [0, 2]
+    [failed] = lost["failed"]  # no reply in time, or the SuperLink saw its heartbeats stop first
+    assert failed["node"] == "supernode-1" and ("round-timeout" in failed["reason"] or "Node Unavailable" in failed["reason"])
+    # Budget: only what moved; the download the dead node never answered is reported apart.
+    assert lost["bytes_down"] == lost["bytes_up"] == 2 * per_transfer
+    assert lost["bytes_down_unconfirmed"] == per_transfer
+    assert after["cumulative_mib"] * 2**20 == sum(r["bytes_round"] for r in (first, lost, after))
+    # The restarted node is sampled again, and node 2 trains with its restarted trainer.
+    assert after["failures"] == 0 and sorted(c["partition_id"] for c in after["clients"]) == [0, 1, 2]
+    node2 = next(c for c in after["clients"] if c["partition_id"] == 2)
+    assert node2["resident"] and node2["model_load_seconds"] > 0
+    [log2] = tmp_path.glob(".local/*/logs/supernode-2.log")
+    assert "resident trainer exited with code -9; restarting it" in log2.read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failures"] == 1 and summary["rounds_aggregated"] == ROUNDS
+    for r in range(1, ROUNDS + 1):
+        assert load_adapter_tensors(run / f"peft_{r}")
