@@ -6,26 +6,32 @@ import argparse
 import importlib
 import sys
 
-# Modules exposing `register(subparsers)`; each adds its own sub-command(s).
-COMMAND_MODULES = [
-    "app.launcher",
-    "app.trainer_service",
-    "app.certs",
-    "app.evaluation.cli",
-    "app.stack",
-]
+# Sub-command -> the module exposing `register(subparsers)` that adds it. Only the module of the
+# command being run is imported (as pip does): `fedtune supernode` stays resident in every
+# SuperNode container and should not carry the other commands' imports.
+COMMANDS = {
+    "local": "app.launcher",
+    "run": "app.launcher",
+    "supernode": "app.trainer_service",
+    "certs": "app.certs",
+    "eval": "app.evaluation.cli",
+    "stack": "app.stack",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser for `command` alone, or for every command (help, unknown commands)."""
     parser = argparse.ArgumentParser(prog="fedtune", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else COMMANDS.values()
+    for name in dict.fromkeys(modules):
         importlib.import_module(name).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.func(args) or 0)
 
 

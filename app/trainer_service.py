@@ -31,8 +31,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 SOCKET_ENV = "FEDTUNE_TRAINER_SOCKET"
@@ -55,6 +53,7 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 
 
 def send_message(conn: socket.socket, header: dict[str, Any], tensors: dict | None = None) -> None:
+    import numpy as np  # here, not at the top: the SuperNode wrapper imports this module too
     from safetensors.numpy import save
 
     payload = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}) if tensors else b""
