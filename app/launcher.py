@@ -28,7 +28,13 @@ from app.config import ConfigError, load_settings, parse_overrides
 APP_DIR = Path(__file__).resolve().parent.parent  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
 POLL_SECONDS = 2.0
-MAX_RESTARTS = 20  # per SuperNode and launch: beyond that it is a crash loop, not a fault
+# Restart policy for components that die: back-off 1, 2, 4, 5, 5 ... s (short: a killed node's
+# restarts are refused for up to a minute, and it should rejoin as soon as it may); a crash loop
+# is more than MAX_QUICK_FAILURES exits in a row, each within STABLE_SECONDS of its start.
+RESTART_DELAY_MAX = 5.0
+STABLE_SECONDS = 120.0
+MAX_QUICK_FAILURES = 30
+SUPERLINK_PATIENCE = 180.0  # seconds `fedtune` waits for a restarting SuperLink
 
 
 class LaunchError(RuntimeError):
@@ -80,7 +86,10 @@ class Federation:
     log_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    started: dict[str, float] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
+    quick_failures: dict[str, int] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)  # name -> when to restart it
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")
@@ -88,11 +97,21 @@ class Federation:
             command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
         log.close()
-        self.commands[name] = (command, env)
+        self.commands[name], self.started[name] = (command, env), time.monotonic()
 
     def check(self, essential: tuple[str, ...], out=sys.stdout) -> None:
-        """Raise if an essential component exited; restart any other (a SuperNode) that did."""
+        """Raise if an essential component exited; restart any other (SuperLink, SuperNode) that
+        did, after a back-off: a killed SuperNode is refused until the SuperLink has seen its
+        heartbeats stop (up to a minute), so its first restarts may fail fast."""
+        now = time.monotonic()
         for name, proc in list(self.processes.items()):
+            if name in self.pending:
+                if now >= self.pending[name]:
+                    del self.pending[name]
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    print(f"{name} restarted (restart {self.restarts[name]})", file=out, flush=True)
+                    self.start(name, *self.commands[name])
+                continue
             code = proc.poll()
             if code is None:
                 continue
@@ -100,11 +119,13 @@ class Federation:
                 raise LaunchError(f"{name} exited with code {code}; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
             # Its session may outlive it (flower-supernode, ClientApp, trainer): stop it whole first.
             _signal_group(proc, signal.SIGKILL)
-            self.restarts[name] = self.restarts.get(name, 0) + 1
-            if self.restarts[name] > MAX_RESTARTS:
-                raise LaunchError(f"{name} exited with code {code} after {MAX_RESTARTS} restarts; see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
-            print(f"{name} exited with code {code}; restarting it (restart {self.restarts[name]})", file=out, flush=True)
-            self.start(name, *self.commands[name])
+            quick = now - self.started[name] < STABLE_SECONDS
+            self.quick_failures[name] = self.quick_failures.get(name, 0) + 1 if quick else 0
+            if self.quick_failures[name] > MAX_QUICK_FAILURES:
+                raise LaunchError(f"{name} keeps exiting (code {code}, {MAX_QUICK_FAILURES} quick restarts); see {self.log_dir / (name + '.log')}:\n{self.tail(name)}")
+            delay = min(RESTART_DELAY_MAX, 2.0 ** self.quick_failures[name])
+            print(f"{name} exited with code {code}; restarting it in {delay:.0f} s", file=out, flush=True)
+            self.pending[name] = now + delay
 
     def tail(self, name: str, lines: int = 30) -> str:
         path = self.log_dir / f"{name}.log"
@@ -152,11 +173,18 @@ def _raise_on_sigterm() -> None:
 def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=sys.stdout) -> str:
     """Print one line per finished round until the run ends; return its final status."""
     metrics = run_dir / "metrics.jsonl"
-    shown = 0
+    shown, unreachable_since = 0, None
     while True:
         if federation:
             federation.check(essential)
-        status = run_status(run_id, env)
+        try:
+            status = run_status(run_id, env)
+            unreachable_since = None
+        except (LaunchError, subprocess.TimeoutExpired) as exc:  # the SuperLink restarting: wait for it
+            unreachable_since = unreachable_since or time.monotonic()
+            if time.monotonic() - unreachable_since > SUPERLINK_PATIENCE:
+                raise LaunchError(f"SuperLink unreachable for {SUPERLINK_PATIENCE:.0f} s: {exc}") from None
+            status = "unknown"
         if metrics.exists():
             lines = metrics.read_text().splitlines()
             for line in lines[shown:]:
@@ -223,6 +251,15 @@ def local_up(args) -> int:
         if (refused := preflight(settings, args.supernodes, gpus)) is not None:
             print(f"fedtune: {refused}", file=sys.stderr)
             return 2
+    if settings.resume_from:  # a checkpoint that cannot continue this run is refused before anything starts
+        from app.checkpoint import CheckpointError, load_resume_point
+
+        run_config["resume-from"] = str(Path(settings.resume_from).resolve())  # the ServerApp runs elsewhere
+        try:
+            load_resume_point(Path(run_config["resume-from"]), load_settings(run_config).flat())
+        except CheckpointError as exc:
+            print(f"fedtune: {exc}", file=sys.stderr)
+            return 2
     if args.insecure:
         print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
 
@@ -239,7 +276,9 @@ def local_up(args) -> int:
     security = _INSECURE if paths is None else _secure(paths)
     write_cli_config(work / "flwr-home", address, security["root"])
     federation = Federation(log_dir)
-    essential = ("superlink", "superexec")
+    # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
+    # the SuperExec holds the ServerApp: if it dies the run is lost (resume-from continues it).
+    essential = ("superexec",)
     _raise_on_sigterm()
     status = "not started"
     try:

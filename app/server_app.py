@@ -299,7 +299,7 @@ def _write_summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneP
     summary = {
         "run_id": run_id,
         "profile": settings.profile,
-        "rounds_completed": len(rounds),
+        "rounds_completed": sum(1 for r in rounds if r.get("status") != "failed"),
         "rounds_aggregated": len(aggregated),
         "rounds_skipped": [r["round"] for r in rounds if r.get("status") == "skipped"],
         "rounds_configured": last,

@@ -222,7 +222,7 @@ def test_too_few_replies_can_stop_the_run_resumably(tmp_path, fast_init):
     run = tmp_path / "run-51"
     assert [r["status"] for r in _metrics(run)] == ["aggregated", "failed"]
     summary = json.loads((run / "summary.json").read_text())
-    assert "round 2" in summary["stopped"] and (run / "peft_1" / RUN_STATE).is_file()
+    assert "round 2" in summary["stopped"] and summary["rounds_completed"] == 1 and (run / "peft_1" / RUN_STATE).is_file()
 
 
 @pytest.fixture
@@ -294,3 +294,17 @@ def test_unwritable_results_dir_fails_before_any_node_works(tmp_path, fast_init)
     with pytest.raises(PermissionError, match="results.dir .*a-file/results.*: cannot write"):
         run_main(grid, run_id=81)
     assert grid.sent == []
+
+
+def test_local_up_refuses_a_mismatched_checkpoint_before_starting(tmp_path, checkpoint_run, capsys):
+    from argparse import Namespace
+
+    from app.launcher import local_up
+
+    _, peft = checkpoint_run
+    results = tmp_path / "launch"
+    args = Namespace(profile="tiny", rounds=3, data=None, results=str(results), gpus="", supernodes=4, insecure=True, connect_timeout=1.0,
+                     run_config=f"resume-from={peft} strategy.fraction-train=0.5 model.lora.peft-lora-r=4")
+    assert local_up(args) == 2
+    assert "model.lora.peft-lora-r: checkpoint 8, this run 4" in capsys.readouterr().err
+    assert not results.exists()  # nothing started, nothing written
