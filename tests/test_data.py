@@ -101,3 +101,15 @@ def test_bad_rows_are_counted_or_named(tmp_path):
     numbers.write_text(json.dumps({"input": 3, "output": "a"}) + "\n")
     with pytest.raises(DataError, match=r"row 0: 'input' is of type int \(3\)"):
         load_partition("x", "", 0, 1, node_data_path=str(numbers), on_bad_rows="fail")
+
+
+def test_node_config_must_agree_with_the_run():
+    from app.config import load_settings
+    from app.worker import NodeData
+
+    settings = load_settings({"profile": "tiny", "dataset.num-partitions": 20})
+    assert NodeData.from_node_config({"partition-id": 3, "num-partitions": 20}, settings) == NodeData(3, 20)
+    with pytest.raises(ValueError, match="num-partitions=5 disagrees with the run's dataset.num-partitions=20"):
+        NodeData.from_node_config({"partition-id": 3, "num-partitions": 5}, settings)
+    with pytest.raises(ValueError, match="node config has no 'partition-id'"):
+        NodeData.from_node_config({"num-partitions": 20}, settings)
