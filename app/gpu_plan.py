@@ -46,18 +46,20 @@ SEED_MODEL = "ContactDoctor/Bio-Medical-Llama-3-8B"
 # (counted as 1.0 + margin); unquantised = bf16.
 BYTES_PER_PARAM = {4: 0.5 + 4 / 64, 8: 1.0, 0: 2.0}
 
-# One CUDA process (context, cuBLAS/cuDNN workspaces, Triton/Liger modules), as nvidia-smi counts it
-# beyond the tensors. Calibrated on an H100 (benchmarks/bench_multi_gpu.py).
-CUDA_CONTEXT_BYTES = int(0.75 * GIB)
-# Measured for the seed recipe (16 x 512 tokens, checkpoint every layer, Llama-3-8B shape) on an
-# H100: training peak over the resident model, as nvidia-smi sees the process (the caching
-# allocator's reserve included). max_memory_allocated gives 18.27 GiB peak vs ~5.7 GiB model.
-SEED_TRAIN_EXTRA_BYTES = int(14.0 * GIB)
+# One CUDA process's context and library workspaces beyond its tensors, as nvidia-smi counts it.
+CUDA_CONTEXT_BYTES = int(0.25 * GIB)
+# Training peak over the idle resident model for the seed recipe (16 x 512 tokens, checkpoint
+# every layer, Llama-3-8B shape), per process as nvidia-smi sees it (the caching allocator's
+# reserve included, expandable segments on): 22.2-23.3 GiB peak vs 5.72 GiB idle on an H100,
+# three trainers sharing the GPU, 2026-11-25 (BENCHMARKS.md, issue 7). max_memory_allocated
+# alone (18.3 GiB) is too low: without expandable segments three such trainers ran one GPU out
+# of memory mid-round.
+SEED_TRAIN_EXTRA_BYTES = int(17.5 * GIB)
 SEED_TOKENS = 16 * 512
 SEED_WIDTH_DEPTH = 4096 * 32
 # Without gradient checkpointing the same step peaks at 65.8 GiB vs 18.2 GiB (BENCHMARKS.md).
 NO_CHECKPOINTING_FACTOR = (65.8 - 5.7) / (18.2 - 5.7)
-MARGIN = 0.10  # on top of every estimate
+MARGIN = 0.05  # on top of every estimate
 
 
 @dataclass(frozen=True)

@@ -154,3 +154,24 @@ def test_launcher_refuses_before_starting_anything(tmp_path, monkeypatch, capsys
 def test_describe_device_line_round_trip():
     line = gpu_plan.DEVICE_LOG_PREFIX + '{"pid": 7, "uuid": "GPU-1"}'
     assert gpu_plan.parse_device_lines(f"noise\n{line}\nmore") == [{"pid": 7, "uuid": "GPU-1"}]
+
+
+def test_measured_shared_gpu_cases():
+    """What ran on one H100 (issue 7): 3 resident nodes with 3 training fit (66.0 GiB measured);
+    4 resident nodes with 3 training ran it out of memory mid-round: the plan must refuse that."""
+    runner = fake_smi(("0", H100_FREE_MIB))
+    three = load_settings({"strategy.fraction-train": 1.0})
+    assert gpu_plan.preflight(three, 3, ["0"], runner=runner) is None
+    plan = gpu_plan.make_plan(three, 3, ["0"], gpu_plan.parse_query_gpus(runner(["nvidia-smi"]).stdout))
+    assert 66.0 * GIB < plan.gpus[0].need_bytes < 79 * GIB  # above what was measured, below the card
+    four = load_settings({"strategy.fraction-train": 0.75, "strategy.min-train-nodes": 3})
+    refusal = gpu_plan.preflight(four, 4, ["0"], runner=runner)
+    assert refusal is not None and "4 resident model(s) with up to 3 training at once" in refusal
+    assert "at most 3 resident node(s) per GPU" in refusal
+
+
+def test_twenty_resident_nodes_over_four_h100s_refused_with_non_resident_offer():
+    gpus = [str(i) for i in range(4)]
+    refusal = gpu_plan.preflight(load_settings({}), 20, gpus, runner=fake_smi(*[(g, H100_FREE_MIB) for g in gpus]))
+    assert refusal is not None and "5 resident model(s)" in refusal
+    assert '"trainer.resident=false" (non-resident mode' in refusal and ">= 7)" in refusal
