@@ -14,7 +14,7 @@ import psutil
 
 from app.checkpoint import load_adapter_tensors
 
-NODES, ROUNDS, TIMEOUT = 3, 4, 60
+NODES, ROUNDS, TIMEOUT = 3, 4, 90  # a first round on a busy 2-core host can take a minute
 
 
 def _node_processes(results: Path, node: int) -> list[psutil.Process]:
@@ -84,7 +84,7 @@ def test_killed_supernode_and_trainer(tmp_path):
     assert "superlink exited with code -9" in output and "superlink restarted (restart 1)" in output
 
     first, lost, third, fourth = _rounds(run)
-    per_transfer = first["bytes_down"] // NODES
+    per_transfer = first["clients"][0]["bytes_up"]  # one adapter transfer, either way
     # The round completed with the two replies that arrived, weighted over those only.
     assert lost["status"] == "aggregated" and lost["failures"] == 1
     assert sorted(c["partition_id"] for c in lost["clients"]) == [0, 2]
