@@ -16,8 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from app.stack import REPO, UID, Stack, app_image, render_compose, smoke, smoke_spec, superlink_image
+from app.compose import REPO, UID, app_image, render_compose, smoke_spec, superlink_image
+from app.smoke import Stack, smoke
 
 docker = pytest.importorskip("docker")
 
@@ -145,3 +147,89 @@ def test_smoke_stack_runs_two_rounds_with_twenty_supernodes(images, tmp_path):
 
     assert result.leftovers == {"containers": [], "networks": [], "volumes": []}
     assert not CLIENT.volumes.list(filters={"dangling": True, "label": "com.docker.compose.project=fedtune-test-smoke"})
+
+
+def _as_app_user(command: list[str], volumes: dict[str, str]) -> str:
+    """Run `command` in the app image as its unprivileged user, no network (files it writes are
+    owned by that user, as docs/docker.md tells operators to make them)."""
+    return CLIENT.containers.run(app_image(), command, volumes={src: {"bind": dst, "mode": "rw"} for src, dst in volumes.items()},
+                                 remove=True, network_mode="none").decode()
+
+
+def test_two_hosts_reach_the_superlink_only_by_its_tls_name(images, tmp_path):
+    """The split deployment: the coordinating side (compose.superlink.yaml) and two sites
+    (compose.site.yaml, one SuperNode each), each its own compose project on its own Docker
+    network. A site reaches the SuperLink only through the published port, by the name in its
+    certificate (resolved to the host, as DNS would at a real site), holding only ca.crt and its
+    own key files; a tiny run of 2 rounds completes."""
+    import socket
+
+    from app.compose import StackSpec, compose_spec
+
+    tls_name, sites = "superlink.fedtune.test", 2
+    certs, results = tmp_path / "certs", tmp_path / "results"
+    for d in (certs, results):
+        d.mkdir()
+        d.chmod(0o777)  # written by the containers' user
+    # the coordinator's own services dial the SuperLink by its service name, the sites by tls_name
+    _as_app_user(["fedtune", "certs", "init", "--dir", "/certs", "--san", "superlink", "--san", tls_name,
+                  "--supernodes", str(sites)], {str(certs): "/certs"})
+    # the host as the sites' containers see it (`host-gateway`, docker0's address): the SuperLink
+    # port is published there only, so nothing outside this machine can reach it
+    gateway = CLIENT.containers.run(app_image(), ["getent", "hosts", "host.docker.internal"], remove=True,
+                                    extra_hosts={"host.docker.internal": "host-gateway"}).decode().split()[0]
+    with socket.socket() as s:
+        s.bind((gateway, 0))
+        port = s.getsockname()[1]
+
+    coordinator = StackSpec(role="superlink", nodes=sites, profile="tiny", no_gpu=True, rounds=2,
+                            name="fedtune-test-coordinator", publish=f"{gateway}:{port}:9093")
+    coordinator_file = tmp_path / "compose.superlink.yaml"
+    coordinator_file.write_text(render_compose(coordinator))
+    stacks = [Stack(coordinator_file, coordinator.name, env={"FEDTUNE_CERTS_DIR": str(certs), "FEDTUNE_RESULTS": str(results)})]
+    for i in range(sites):
+        site_certs = tmp_path / f"site-{i}"
+        site_certs.mkdir()
+        site_certs.chmod(0o777)
+        _as_app_user(["sh", "-c", f"cp /certs/ca.crt /certs/supernode-{i}.key /certs/supernode-{i}-runtime.* /site/"],
+                     {str(certs): "/certs", str(site_certs): "/site"})
+        site = compose_spec(StackSpec(role="site", nodes=sites, profile="tiny", no_gpu=True, name=f"fedtune-test-site-{i}"))
+        site["services"]["supernode"]["extra_hosts"] = [f"{tls_name}:host-gateway"]
+        site_file = tmp_path / f"compose.site-{i}.yaml"
+        site_file.write_text(yaml.safe_dump(site))
+        stacks.append(Stack(site_file, site["name"], env={
+            "FEDTUNE_SUPERLINK_ADDRESS": f"{tls_name}:{port}", "FEDTUNE_PARTITION_ID": str(i),
+            "FEDTUNE_NUM_PARTITIONS": str(sites), "FEDTUNE_CERTS_DIR": str(site_certs)}))
+    coordinator_stack = stacks[0]
+    for stack in stacks:
+        stack.down()
+    try:
+        for stack in stacks:
+            stack.compose("up", "--detach", capture=True, timeout=600)
+        deadline = time.monotonic() + 900
+        while (run := coordinator_stack.container("run")) is None or run.status != "exited":
+            failed = [f for stack in stacks for f in stack.failed_services() if f[0] != "run"]
+            assert not failed, "\n".join(stack.failure_report(failed) for stack in stacks)
+            assert time.monotonic() < deadline, coordinator_stack.failure_report([])
+            time.sleep(2)
+            if run is not None:
+                run.reload()
+        log = run.logs().decode(errors="replace")
+        assert run.attrs["State"]["ExitCode"] == 0, coordinator_stack.failure_report([]) + "\n".join(s.logs("supernode") for s in stacks[1:])
+        assert f"SuperNodes online: {sites}/{sites}" in log and "finished:completed" in log
+        for stack in stacks[1:]:
+            node = stack.container("supernode")
+            # separate networks: the coordinator's service name does not resolve at a site
+            lookup = node.exec_run(["python", "-c", "import socket; socket.gethostbyname('superlink')"])
+            assert lookup.exit_code != 0
+            assert node.exec_run(["ls", "/certs"]).output.decode().split().count("ca.key") == 0
+            assert set(node.attrs["NetworkSettings"]["Networks"]) == {f"{stack.project}_default"}
+    finally:
+        for stack in stacks:
+            stack.down()
+    run_dirs = list(results.glob("run-*"))
+    assert len(run_dirs) == 1
+    rounds = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2] and all(r["failures"] == 0 for r in rounds)
+    for stack in stacks:
+        assert stack.leftovers() == {"containers": [], "networks": [], "volumes": []}

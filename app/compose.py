@@ -1,0 +1,344 @@
+"""The Docker Compose files, generated from one definition (`fedtune stack compose`).
+
+Three shapes of the same services:
+
+    all        compose.yaml: one host runs everything (certs in a named volume, created by the
+               one-shot `certs` service); the smoke variant is this with the tiny profile, no GPU
+    superlink  compose.superlink.yaml: the coordinating site (SuperLink, register, ServerApp, run)
+    site       compose.site.yaml: one hospital's SuperNode, talking to a remote SuperLink by its TLS
+               name; which partition, key and GPU come from the site's .env
+
+In the split shapes the certificates are a host directory (FEDTUNE_CERTS_DIR) made with
+`fedtune certs init`: the coordinating site keeps the CA key, each site gets only ca.crt and its own
+SuperNode files (certs/README.md, docs/docker.md).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CERTS = "/certs"  # paths inside the containers
+CACHE = "/cache"
+RESULTS = "/results"
+STATE = "/state"
+PORT = 9093  # the SuperLink's one HTTPS port: Fleet, Control and Runtime (ServerAppIo) APIs
+SUPERLINK = f"superlink:{PORT}"
+HEALTH = "127.0.0.1:9098"  # --health-server-address (plaintext gRPC): container-local only
+DEFAULT_NODES = 20
+DEFAULT_GPUS = 8
+DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
+UID = 10001  # the images' default unprivileged user (build arg FEDTUNE_UID)
+ROLES = ("all", "superlink", "site")
+# a site's SuperNode: set in its .env (compose stops with this message when one is missing)
+SITE_PARTITION = "${FEDTUNE_PARTITION_ID:?see .env.site.example}"
+SITE_SUPERLINK = "${FEDTUNE_SUPERLINK_ADDRESS:?see .env.site.example}"
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def app_image() -> str:
+    return f"fedtune-app:{_pyproject()['project']['version']}"
+
+
+def superlink_image() -> str:
+    flwr = next(d for d in _pyproject()["project"]["dependencies"] if d.startswith("flwr=="))
+    return f"fedtune-superlink:flwr-{flwr.split('==', 1)[1]}"
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    nodes: int = DEFAULT_NODES  # federation size (site role: the num-partitions default)
+    gpus: int = DEFAULT_GPUS
+    profile: str = "bio-medical-llama3-8b"
+    no_gpu: bool = False
+    rounds: int | None = None
+    run_config: str = ""
+    name: str = "fedtune"
+    publish: str = f"${{FEDTUNE_SUPERLINK_PUBLISH:-{PORT}}}:{PORT}"  # host side of the SuperLink port
+    role: str = "all"
+
+    def command_line(self) -> str:
+        parts = ["fedtune stack compose"]
+        if self.role != "all":
+            parts.append(f"--role {self.role}")
+        parts.append(f"--nodes {self.nodes}")
+        parts.append("--no-gpu" if self.no_gpu else f"--gpus {self.gpus}")
+        parts.append(f"--profile {self.profile}")
+        if self.rounds is not None:
+            parts.append(f"--rounds {self.rounds}")
+        if self.run_config:
+            parts.append(f"--run-config '{self.run_config}'")
+        if self.name != "fedtune":
+            parts.append(f"--name {self.name}")
+        if self.publish != StackSpec.publish:
+            parts.append(f"--publish '{self.publish}'")
+        return " ".join(parts)
+
+
+def smoke_spec(nodes: int = DEFAULT_NODES, rounds: int = 2, project: str = "fedtune-smoke") -> StackSpec:
+    """The CPU smoke variant (compose.smoke.yaml): tiny profile, no GPU reservations, SuperLink
+    port published on a random loopback port only."""
+    return StackSpec(nodes=nodes, profile="tiny", no_gpu=True, rounds=rounds, name=project, publish=f"127.0.0.1::{PORT}")
+
+
+def dataset_file(name: str, cache: str = f"{CACHE}/fedtune") -> str:
+    """Where `fedtune stack cache` exports a hub dataset's train split for the SuperNodes
+    (`cache` is FEDTUNE_CACHE, /cache/fedtune in the images)."""
+    return f"{cache}/datasets/{name.replace('/', '__')}.jsonl"
+
+
+def _run_config(spec: StackSpec) -> str:
+    """The `run` service's --run-config: the user's overrides plus what the stack itself implies."""
+    from app.config import load_settings, parse_overrides
+
+    user = parse_overrides(spec.run_config)
+    settings = load_settings({"profile": spec.profile, **user})
+    extra: list[str] = []
+    if settings.dataset.num_partitions != spec.nodes and "dataset.num-partitions" not in user:
+        extra.append(f"dataset.num-partitions={spec.nodes}")
+    if settings.dataset.name != "tiny" and not settings.dataset.path:
+        # nodes read the hub dataset as exported into the read-only cache (same rows, same order)
+        extra.append(f"dataset.path='\"{dataset_file(settings.dataset.name)}\"'")
+    return " ".join([*extra, spec.run_config.strip()]).strip()
+
+
+# ---------------------------------------------------------------------------- services
+
+
+def _build(dockerfile: str) -> dict[str, Any]:
+    return {
+        "context": ".",
+        "dockerfile": f"docker/{dockerfile}",
+        "args": {
+            "BASE_IMAGE": f"${{FEDTUNE_BASE_IMAGE:-{DEFAULT_BASE_IMAGE}}}",
+            "PIP_OFFLINE": "${FEDTUNE_PIP_OFFLINE:-0}",
+            "FEDTUNE_UID": f"${{FEDTUNE_UID:-{UID}}}",
+            "FEDTUNE_GID": f"${{FEDTUNE_GID:-{UID}}}",
+        },
+    }
+
+
+APP = f"${{FEDTUNE_APP_IMAGE:-{app_image()}}}"
+SUPERLINK_IMAGE = f"${{FEDTUNE_SUPERLINK_IMAGE:-{superlink_image()}}}"
+RESULTS_MOUNT = f"${{FEDTUNE_RESULTS:-./results}}:{RESULTS}"
+DONE = {"condition": "service_completed_successfully"}
+
+
+def _certs_mount(spec: StackSpec) -> str:
+    """Read-only certificates: the `certs` volume (all on one host) or a host directory (split)."""
+    source = "certs" if spec.role == "all" else "${FEDTUNE_CERTS_DIR:-./certs/generated}"
+    return f"{source}:{CERTS}:ro"
+
+
+def _certs_service(spec: StackSpec) -> dict[str, Any]:
+    return {
+        "image": APP,
+        "build": _build("app.Dockerfile"),
+        "command": ["fedtune", "stack", "certs", "--dir", CERTS, "--san", "superlink", "--supernodes", str(spec.nodes)],
+        "network_mode": "none",
+        "volumes": [f"certs:{CERTS}"],
+    }
+
+
+def _model_cache_service(spec: StackSpec) -> dict[str, Any]:
+    service = {
+        "image": APP,
+        "command": ["fedtune", "stack", "cache", "--profile", spec.profile, "--run-config", spec.run_config],
+        "environment": {"HF_TOKEN": "${HF_TOKEN:-}", "HF_HUB_OFFLINE": "${HF_HUB_OFFLINE:-0}"},
+        "volumes": [f"model-cache:{CACHE}"],
+    }
+    if spec.role == "site":
+        service["build"] = _build("app.Dockerfile")
+    return service
+
+
+def _superlink_service(spec: StackSpec, paths) -> dict[str, Any]:
+    from app.certs import flower_tls_args
+
+    service = {
+        "image": SUPERLINK_IMAGE,
+        "build": _build("superlink.Dockerfile"),
+        "command": [
+            "flower-superlink", *flower_tls_args("superlink", paths, isolation="process"),
+            "--host", "0.0.0.0", "--port", str(PORT), "--database", f"{STATE}/state.db",
+            "--disable-runtime-dependency-installation", "--health-server-address", HEALTH,
+        ],
+        "ports": [spec.publish],
+        "volumes": [_certs_mount(spec), f"superlink-state:{STATE}"],
+        "healthcheck": {
+            "test": ["CMD", "fedtune-healthcheck", "--https", f"https://127.0.0.1:{PORT}/health", "--ca",
+                     str(paths.ca_cert), "--grpc", HEALTH],
+            "interval": "5s", "timeout": "5s", "retries": 12, "start_period": "30s",
+        },
+        "init": True,
+        "restart": "unless-stopped",
+    }
+    if spec.role == "all":
+        service["depends_on"] = {"certs": DONE}
+    return service
+
+
+def _register_service(spec: StackSpec) -> dict[str, Any]:
+    return {
+        "image": APP,
+        "command": ["fedtune", "stack", "register", "--superlink", SUPERLINK, "--certs", CERTS, "--nodes", str(spec.nodes)],
+        "depends_on": {"superlink": {"condition": "service_healthy"}},
+        "volumes": [_certs_mount(spec)],
+    }
+
+
+def _serverapp_service(spec: StackSpec, paths) -> dict[str, Any]:
+    from app.certs import flower_tls_args
+
+    return {
+        "image": APP,
+        "command": ["flower-superexec", *flower_tls_args("superexec-serverapp", paths), "--runtime-api-address", SUPERLINK],
+        "depends_on": {"superlink": {"condition": "service_healthy"}},
+        "volumes": [_certs_mount(spec), RESULTS_MOUNT],
+        "init": True,
+        # a SuperExec whose secret is refused exits with status 0: `on-failure` would not restart it
+        "restart": "unless-stopped",
+    }
+
+
+def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str, partitions: int | str,
+                       gpu: str | None) -> dict[str, Any]:
+    from app.certs import flower_tls_args
+
+    node: dict[str, Any] = {
+        "image": APP,
+        "command": [
+            "fedtune", "supernode", "--", *flower_tls_args("supernode", paths, index),
+            "--superlink", superlink, "--node-config", f"partition-id={index} num-partitions={partitions}",
+        ],
+        "depends_on": {"model-cache": DONE, **({"register": DONE} if spec.role == "all" else {})},
+        "environment": {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            **({"OMP_NUM_THREADS": "1"} if spec.no_gpu else {}),
+        },
+        "labels": {"fedtune.role": "supernode", "fedtune.partition-id": str(index)},
+        "volumes": [_certs_mount(spec), f"model-cache:{CACHE}:ro"],
+        "init": True,
+        "restart": "on-failure",
+    }
+    if gpu is not None:
+        node["deploy"] = {"resources": {"reservations": {"devices": [
+            {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]},
+        ]}}}
+    return node
+
+
+def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
+    command = [
+        "fedtune", "run", "--superlink", SUPERLINK, "--nodes", str(spec.nodes), "--profile", spec.profile,
+        "--root-certificates", str(paths.ca_cert), "--results", RESULTS,
+    ]
+    if spec.rounds is not None:
+        command += ["--rounds", str(spec.rounds)]
+    if run_config := _run_config(spec):
+        command += ["--run-config", run_config]
+    return {
+        "image": APP,
+        "command": command,
+        "depends_on": {"register": DONE, "serverapp": {"condition": "service_started"}},
+        "volumes": [_certs_mount(spec), RESULTS_MOUNT],
+    }
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def compose_spec(spec: StackSpec) -> dict[str, Any]:
+    """The compose file as a dict: every service, volume and flag of the stack."""
+    from app.certs import CertPaths
+
+    if spec.role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, not {spec.role!r}")
+    if spec.nodes < 1 or (not spec.no_gpu and spec.gpus < 1):
+        raise ValueError("--nodes and --gpus must be at least 1")
+    paths = CertPaths(Path(CERTS), spec.nodes)
+    services: dict[str, Any] = {}
+    volumes: dict[str, Any] = {}
+    if spec.role == "all":
+        services["certs"] = _certs_service(spec)
+        volumes["certs"] = {}
+    if spec.role in ("all", "site"):
+        services["model-cache"] = _model_cache_service(spec)
+        volumes["model-cache"] = {}
+    if spec.role in ("all", "superlink"):
+        services["superlink"] = _superlink_service(spec, paths)
+        services["register"] = _register_service(spec)
+        services["serverapp"] = _serverapp_service(spec, paths)
+        volumes["superlink-state"] = {}
+    if spec.role == "all":
+        for i in range(spec.nodes):
+            gpu = None if spec.no_gpu else str(i % spec.gpus)
+            services[f"supernode-{i}"] = _supernode_service(spec, paths, i, SUPERLINK, spec.nodes, gpu)
+    if spec.role == "site":
+        services["supernode"] = _supernode_service(
+            spec, paths, SITE_PARTITION, SITE_SUPERLINK, f"${{FEDTUNE_NUM_PARTITIONS:-{spec.nodes}}}",
+            None if spec.no_gpu else "${FEDTUNE_GPU:-0}")
+    if spec.role in ("all", "superlink"):
+        services["run"] = _run_service(spec, paths)
+        for name, service in services.items():
+            if name != "run":
+                # Only `run` is attached: `docker compose up --exit-code-from run` then ends when the
+                # run does, not when a one-shot service completes or a SuperNode restarts (attached
+                # containers' exits abort the whole stack). Their logs: `docker compose logs SERVICE`.
+                service["attach"] = False
+    return {"name": spec.name, "services": services, "volumes": volumes}
+
+
+def _dumper():
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        """No &anchors/*aliases; short lists of scalars (commands, ports) on one line."""
+
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    def represent_list(dumper, data):
+        flow = all(isinstance(x, (str, int, float, bool)) for x in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    Dumper.add_representer(list, represent_list)
+    return Dumper
+
+
+ENV_HELP = {
+    "all": "FEDTUNE_BASE_IMAGE, FEDTUNE_PIP_OFFLINE, FEDTUNE_UID/GID,\n# FEDTUNE_RESULTS, FEDTUNE_SUPERLINK_PUBLISH, "
+           "FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN.",
+    "superlink": "FEDTUNE_CERTS_DIR, FEDTUNE_RESULTS,\n# FEDTUNE_SUPERLINK_PUBLISH, image settings as in compose.yaml.",
+    "site": "FEDTUNE_SUPERLINK_ADDRESS, FEDTUNE_PARTITION_ID,\n# FEDTUNE_NUM_PARTITIONS, FEDTUNE_GPU, "
+            "FEDTUNE_CERTS_DIR, HF_TOKEN, image settings as in compose.yaml.",
+}
+ENV_EXAMPLE = {"all": ".env.example", "superlink": ".env.superlink.example", "site": ".env.site.example"}
+
+
+def render_compose(spec: StackSpec) -> str:
+    import yaml
+
+    header = (
+        f"# Generated by `{spec.command_line()}` (app/compose.py).\n"
+        "# Do not edit: change the generator and regenerate; tests/test_stack.py checks the two agree.\n"
+        f"# Settings (.env, see {ENV_EXAMPLE[spec.role]}): {ENV_HELP[spec.role]}\n"
+    )
+    return header + yaml.dump(compose_spec(spec), Dumper=_dumper(), sort_keys=False, default_flow_style=False, width=100)
+
+
+# The committed files and the spec each is generated from (tests/test_stack.py keeps them equal).
+COMMITTED = {
+    "compose.yaml": StackSpec(),
+    "compose.smoke.yaml": smoke_spec(),
+    "compose.superlink.yaml": StackSpec(role="superlink", name="fedtune-superlink"),
+    "compose.site.yaml": StackSpec(role="site", name="fedtune-site"),
+}
