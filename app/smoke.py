@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.compose import DEFAULT_NODES, PORT, REPO, UID, app_image, render_compose, smoke_spec
+from app.compose import DEFAULT_NODES, REPO, UID, app_image, render_compose, smoke_spec
 
 
 class StackError(RuntimeError):
@@ -138,16 +138,19 @@ class Stack:
             marks["first supernode started"], marks["last supernode started"] = min(nodes), max(nodes)
         return {k: round(v, 1) for k, v in sorted(marks.items(), key=lambda kv: kv[1]) if v is not None}
 
-    def memory_mib(self, containers: list) -> dict[str, float]:
-        """Memory as `docker stats` shows it (usage less inactive page cache), per container, in MiB."""
-        sizes: dict[str, float] = {}
+    def memory_mib(self, containers: list) -> dict[str, dict[str, float]]:
+        """Per container, in MiB: `stats`, as `docker stats` shows it (usage less inactive page
+        cache), and `anonymous`, what the processes themselves hold (cgroup v1 total_rss, v2 anon)."""
+        sizes: dict[str, dict[str, float]] = {}
 
         def one(c) -> None:
-            stats = c.stats(stream=False)
-            mem = stats.get("memory_stats", {})
+            mem = c.stats(stream=False).get("memory_stats", {})
             detail = mem.get("stats", {})
             cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))
-            sizes[c.labels.get("com.docker.compose.service", c.name)] = (mem.get("usage", 0) - cache) / 2**20
+            sizes[c.labels.get("com.docker.compose.service", c.name)] = {
+                "stats": (mem.get("usage", 0) - cache) / 2**20,
+                "anonymous": detail.get("total_rss", detail.get("anon", 0)) / 2**20,
+            }
 
         threads = [threading.Thread(target=one, args=(c,)) for c in containers]
         for t in threads:
@@ -164,7 +167,7 @@ class SmokeResult:
     total_seconds: float
     results_dir: Path
     run_dirs: list[Path]
-    idle_memory_mib: dict[str, float]
+    idle_memory_mib: dict[str, dict[str, float]]  # service -> Stack.memory_mib's figures
     users: dict[str, set[str]]  # service -> uids its processes ran as (host view, `docker top`)
     leftovers: dict[str, list[str]]
     log: str = ""

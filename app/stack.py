@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,15 +197,15 @@ def cmd_smoke(args) -> int:
     except StackError as exc:
         print(f"fedtune stack smoke FAILED: {exc}", file=sys.stderr)
         return 1
-    idle = sorted(result.idle_memory_mib.values())
+    idle = {kind: sorted(m[kind] for m in result.idle_memory_mib.values()) for kind in ("stats", "anonymous")}
     print(json.dumps({
         "run_exit_code": result.run_exit_code,
         "up_to_all_supernodes_online_s": round(result.up_seconds, 1),
         "total_s": round(result.total_seconds, 1),
         "phases_s": result.phases,
         "run_dirs": [str(p) for p in result.run_dirs],
-        "idle_supernode_memory_mib": {"min": round(idle[0], 1), "median": round(idle[len(idle) // 2], 1),
-                                      "max": round(idle[-1], 1)} if idle else None,
+        "idle_supernode_memory_mib": {kind: {"median": round(statistics.median(v), 1), "max": round(v[-1], 1)}
+                                      for kind, v in idle.items() if v},
         "supernode_uids": sorted({u for s, us in result.users.items() if s.startswith("supernode-") for u in us}),
         "leftovers": result.leftovers,
     }, indent=2))
