@@ -201,6 +201,9 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
     # Before torch is imported here or in a ClientApp child: several trainers sharing one GPU
     # must not strand memory in fragments (the 3.5 GiB logits change size every step).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    # `--gpus` ids are nvidia-smi's indices (what the launcher's memory plan reads): make CUDA
+    # number the GPUs the same way rather than fastest-first.
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     private_dir = None
     if socket_path is None:
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700

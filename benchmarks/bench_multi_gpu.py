@@ -5,11 +5,19 @@ On the GPU machine it builds a Llama-3-8B-shaped model with random seeded weight
 512-token window, and runs the real launcher (SuperLink, SuperExec, N `fedtune supernode`
 processes with resident trainers, TLS + SuperNode authentication) with the seed profile:
 
-  refuse  `--supernodes 20` resident on the given GPUs when they cannot hold them: the memory
-          plan must refuse before any process starts (the 20-on-one-GPU case on a single GPU);
+  refuse  `--supernodes 20` resident on the first GPU, which cannot hold them: the memory plan
+          must refuse before any process starts;
   shared  N SuperNodes over the G GPUs (node i on GPU i mod G), `--clients` of them training
           concurrently each round (N = 20 if the plan fits, else as many as it allows);
+  spread  `--clients` SuperNodes on that many different GPUs, all training each round (G > 1);
+  packed  the same SuperNodes all on the first GPU: spread / packed is the issue's ratio;
   alone   one SuperNode, one client per round: the same round with nothing beside it.
+
+A federation of the seed profile takes 3-7 minutes (the round is bound by Flower's transport of
+the 26 MiB adapter, BENCHMARKS.md), so on a lent machine with a 10-minute command limit run one or
+two phases per command (`--phases refuse,shared`, then `--phases spread`, ...; the model on local
+disk is reused while the machine stays warm, else rebuilt in ~45 s). Before, on the machine:
+`. benchmarks/device_setup.sh` (installs the carried `.whl/` wheels, keeps NVLink multicast off).
 
 While a federation runs, a poller reads `nvidia-smi` every 0.5 s: memory used per GPU and the
 compute processes (pid -> GPU UUID), mapped back to nodes through each process's FLWR_HOME
@@ -408,7 +416,7 @@ def main() -> None:
     parser.add_argument("--supernodes", type=int, default=0, help="shared phase nodes (default: 20, or what the plan allows)")
     parser.add_argument("--clients", type=int, default=3, help="clients training per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--phases", default="refuse,shared,alone")
+    parser.add_argument("--phases", default="refuse,shared,alone", help="any of refuse,shared,spread,packed,alone")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per federation")
     parser.add_argument("--extra", default="", help="extra run-config items for the shared phase")
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny profile")
@@ -445,8 +453,8 @@ def main() -> None:
         result["model_build_seconds"] = build_model(Path(model))
         print(f"random 8B-shaped model ready ({result['model_build_seconds']:.0f} s)", flush=True)
 
-    if "refuse" in phases and gpus:
-        result["refuse"] = refuse_phase(model, data, work / "results-refuse", gpus, 20)
+    if "refuse" in phases and gpus:  # 20 resident models on one GPU: must be refused up front
+        result["refuse"] = refuse_phase(model, data, work / "results-refuse", gpus[:1], 20)
         save()
     if "shared" in phases:
         nodes, why = (args.supernodes, "given") if args.supernodes else (20, "")
@@ -457,11 +465,24 @@ def main() -> None:
                                           work / "results-shared", profile, args.timeout, args.extra)
         result["shared"]["nodes_chosen_by"] = why
         save()
+    # The ratio: `clients` nodes on as many different GPUs vs the same nodes on one GPU.
+    if "spread" in phases and len(gpus) > 1:
+        spread = gpus[: min(len(gpus), args.clients)]
+        result["spread"] = run_federation("spread", args.clients, spread, args.rounds, args.clients, model, data,
+                                          work / "results-spread", profile, args.timeout)
+        save()
+    if "packed" in phases:
+        result["packed"] = run_federation("packed", args.clients, gpus[:1], args.rounds, args.clients, model, data,
+                                          work / "results-packed", profile, args.timeout)
+        save()
     if "alone" in phases:
         result["alone"] = run_federation("alone", 1, gpus[:1], args.rounds, 1, model, data, work / "results-alone", profile, args.timeout)
         save()
-    if result.get("shared", {}).get("steady_round_seconds") and result.get("alone", {}).get("steady_round_seconds"):
-        result["shared_over_alone"] = result["shared"]["steady_round_seconds"] / result["alone"]["steady_round_seconds"]
+    steady = {k: result.get(k, {}).get("steady_round_seconds") for k in ("shared", "spread", "packed", "alone")}
+    if steady["shared"] and steady["alone"]:
+        result["shared_over_alone"] = steady["shared"] / steady["alone"]
+    if steady["spread"] and steady["packed"]:
+        result["spread_over_packed"] = steady["spread"] / steady["packed"]
     save()
     print_table(result)
 
@@ -484,7 +505,7 @@ def print_table(r: dict) -> None:
     if "refuse" in r:
         f = r["refuse"]
         print(f"refuse: rc {f['returncode']} in {f['seconds']:.1f} s, refused before start: {f['refused_before_start']}")
-    for name in ("shared", "alone"):
+    for name in ("shared", "spread", "packed", "alone"):
         if name not in r:
             continue
         f = r[name]
@@ -502,6 +523,8 @@ def print_table(r: dict) -> None:
         print(f"  node i on GPU i mod G: {f['mapping_ok']}")
     if "shared_over_alone" in r:
         print(f"steady round, shared / alone: {r['shared_over_alone']:.2f}")
+    if "spread_over_packed" in r:
+        print(f"steady round, {r['spread']['nodes']} clients on {len(r['spread']['gpus'])} GPUs / on one GPU: {r['spread_over_packed']:.2f}")
 
 
 if __name__ == "__main__":
