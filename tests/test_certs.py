@@ -247,13 +247,13 @@ def _supernode(tmp_path, name, args, superlink) -> str:
     with open(log, "w") as out:  # a file, not a pipe: a lingering child would keep a pipe open
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert proc.wait(30) != 0, log.read_text()
+        assert proc.wait(60) != 0, log.read_text()
     finally:
         _stop(proc)
     return log.read_text()
 
 
-def test_tls_auth_superlink_refuses_unregistered_and_plaintext_supernodes(tmp_path):
+def test_tls_auth_superlink_refuses_unregistered_plaintext_and_removed_supernodes(tmp_path):
     paths = init_certs(tmp_path / "certs", ["superlink"], num_supernodes=2)
     port = _free_port()
     address = f"127.0.0.1:{port}"
@@ -299,6 +299,18 @@ def test_tls_auth_superlink_refuses_unregistered_and_plaintext_supernodes(tmp_pa
         while f"[Fleet.ActivateNode] Activated node_id={node_id}" not in (tmp_path / "superlink.log").read_text():
             assert time.time() < deadline and online.poll() is None, (tmp_path / "superlink.log").read_text()
             time.sleep(0.3)
+
+        # removed from the federation while connected: the node is cut off and exits
+        unreg = subprocess.run([str(BIN / "flwr"), "supernode", "unregister", node_id, "lab"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert unreg.returncode == 0, unreg.stdout + unreg.stderr
+        try:  # flwr 1.42 answers its next pull with 401 and the node stops, with status 0
+            assert online.wait(timeout=60) == 0, (tmp_path / "n1.log").read_text()
+        except subprocess.TimeoutExpired:
+            raise AssertionError("an unregistered SuperNode kept running:\n" + (tmp_path / "superlink.log").read_text()) from None
+        link_log = (tmp_path / "superlink.log").read_text()
+        after = link_log[link_log.index("ControlServicer.UnregisterNode"):]
+        assert '"POST /v1/fleet/pull-messages HTTP/1.1" 401' in after, link_log
     finally:
         for proc in (online, link):
             if proc is not None:
