@@ -104,3 +104,33 @@ def test_docker_compose_config_accepts_committed_files(name, tmp_path):
         else:
             assert "deploy" not in node
     assert config["services"]["serverapp"]["volumes"][1]["source"] == str(REPO / "results")
+
+
+def _compose_config(name: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["docker", "compose", "--env-file", "/dev/null", "-f", str(REPO / name), "--project-directory", str(REPO),
+         "config", "--format", "json"],
+        capture_output=True, text=True, env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(home), **env},
+    )
+
+
+@needs_compose
+def test_split_files_are_accepted_and_a_site_needs_its_address_and_partition(tmp_path):
+    coordinator = _compose_config("compose.superlink.yaml", tmp_path, FEDTUNE_CERTS_DIR="/srv/certs")
+    assert coordinator.returncode == 0, coordinator.stderr
+    services = json.loads(coordinator.stdout)["services"]
+    assert set(services) == {"superlink", "register", "serverapp", "run"}
+    assert services["superlink"]["volumes"][0]["source"] == "/srv/certs"
+
+    site = _compose_config("compose.site.yaml", tmp_path, FEDTUNE_SUPERLINK_ADDRESS="superlink.example.org:9093",
+                           FEDTUNE_PARTITION_ID="7", FEDTUNE_GPU="3")
+    assert site.returncode == 0, site.stderr
+    node = json.loads(site.stdout)["services"]["supernode"]
+    command = node["command"]
+    assert command[command.index("--superlink") + 1] == "superlink.example.org:9093"
+    assert command[command.index("--auth-supernode-private-key") + 1] == "/certs/supernode-7.key"
+    assert command[-1] == "partition-id=7 num-partitions=20"
+    assert node["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["3"]
+
+    missing = _compose_config("compose.site.yaml", tmp_path, FEDTUNE_SUPERLINK_ADDRESS="superlink.example.org:9093")
+    assert missing.returncode != 0 and "FEDTUNE_PARTITION_ID" in missing.stderr
