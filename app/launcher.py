@@ -61,7 +61,10 @@ def write_cli_config(flwr_home: Path, address: str, root_certificates: str | Non
 
 
 def flwr_json(args: list[str], env: dict[str, str], timeout: float = 60) -> Any:
-    done = subprocess.run(["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        done = subprocess.run(["flwr", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LaunchError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
     try:
         return json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -211,15 +214,22 @@ def submit(env: dict[str, str], run_config: dict[str, Any]) -> str:
 
 
 def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | None, essential: tuple[str, ...], timeout: float, out=sys.stdout) -> None:
-    deadline, last = time.monotonic() + timeout, -1
-    while (count := online_nodes(env)) < expected:
+    deadline, last, count, error = time.monotonic() + timeout, -1, 0, None
+    while True:
+        try:  # a SuperLink still starting, or a host too busy to answer in time: ask again
+            count, error = online_nodes(env), None
+        except LaunchError as exc:
+            error = exc
+        if count >= expected:
+            break
         if federation:
             federation.check(essential)
         if count != last:
             print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
             last = count
         if time.monotonic() > deadline:
-            raise LaunchError(f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s")
+            raise LaunchError(f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s"
+                              + (f"; last error: {error}" if error else ""))
         time.sleep(POLL_SECONDS)
     print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
 

@@ -145,3 +145,29 @@ def test_bad_config_is_refused_before_anything_starts(tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "unknown config key(s) 'train.seq-lenght'" in output
     assert not (tmp_path / ".local").exists()
+
+
+def test_waiting_for_nodes_survives_a_superlink_that_does_not_answer(monkeypatch, capsys):
+    """A SuperLink still starting, or a host too loaded to answer `flwr supernode list` in time,
+    is asked again; a persistent error is named when the wait gives up."""
+    from app import launcher
+
+    replies = iter([launcher.LaunchError("`flwr supernode list` did not answer within 60 s"), 1, 2])
+
+    def online(env):
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    monkeypatch.setattr(launcher, "online_nodes", online)
+    monkeypatch.setattr(launcher, "POLL_SECONDS", 0)
+    launcher.wait_for_nodes(2, {}, None, (), timeout=60)
+    assert "SuperNodes online: 2/2" in capsys.readouterr().out
+
+    def never(env):
+        raise launcher.LaunchError("Connection to the SuperLink is unavailable")
+
+    monkeypatch.setattr(launcher, "online_nodes", never)
+    with pytest.raises(launcher.LaunchError, match="only 0 of 2 .* last error: Connection to the SuperLink"):
+        launcher.wait_for_nodes(2, {}, None, (), timeout=0)
