@@ -141,6 +141,30 @@ def test_recheck_replaces_uncertain_answers_with_reference_ones(tiny):
     assert [a.token_ids for a in fast] == [a.token_ids for a in reference]
 
 
+def test_batched_recheck_recomputes_in_float32(tiny):
+    model, tokenizer = tiny
+    prompts = _prompts()[:12]
+    new_tokens = [2] * len(prompts)
+    reference = generate_answers(model, tokenizer, prompts, new_tokens, exact=True)
+    options = FastOptions(recheck_margin=float("inf"), recheck_batched=True)
+    fast = generate_answers(model, tokenizer, prompts, new_tokens, exact=False, options=options)
+    assert options.stats["rechecked"] == len(prompts) and options.stats["recheck_seconds"] >= 0
+    assert all(a.rechecked for a in fast)
+    assert [a.token_ids for a in fast] == [a.token_ids for a in reference]
+
+
+def test_sdpa_backends_are_restricted_then_restored():
+    from app.evaluation.runner import _sdpa_backends
+
+    before = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    with _sdpa_backends(("flash", "efficient")):
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.math_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+    assert (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.math_sdp_enabled()) == before
+    with _sdpa_backends(None):
+        assert torch.backends.cuda.math_sdp_enabled() == before[1]
+
+
 def test_dora_adapter_fast_equals_exact_through_the_cli(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM

@@ -10,9 +10,12 @@ Two generation paths produce the same kind of `Answer`:
   once and their KV cache is shared; the rest of each prompt is prefilled in length-sorted,
   right-padded batches under a token budget (causal attention needs no mask: padding sits
   after the real tokens), and only the last real position of each row goes through the LM
-  head. 4-bit layers compute in float16 (bfloat16 optional) while the residual stream,
-  norms, attention and LM head stay in float32; answers whose top-two logit margin is small
-  (or not finite) are recomputed on the one-at-a-time path, so they are the reference's.
+  head. 4-bit layers, attention and the MLP's act(gate) * up compute in float16 (bfloat16
+  optional) while the residual stream, norms, rotary embedding and LM head stay in float32; answers whose top-two logit margin is small
+  (or not finite) are recomputed on the one-at-a-time path, so they are the reference's
+  (or, with `recheck_batched`, batched with float32 compute, which is cheaper but not the
+  reference's loop). On CUDA, attention is pinned to the flash / memory-efficient SDPA
+  backends: PyTorch's default for fp16 on an H100 is cuDNN, which builds a plan per shape.
 
 `max_new_tokens` follows the reference too: questions are cut into consecutive chunks of
 `batch_size`, and every question of a chunk gets as many new tokens as the chunk's first
@@ -26,6 +29,7 @@ import contextlib
 import inspect
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -60,6 +64,10 @@ class FastOptions:
     compute_dtype: torch.dtype | None = torch.float16  # for 4-bit layers on CUDA; None keeps the loaded one
     half_blocks: bool = True  # attention and the MLP's act(gate) * up in compute_dtype too
     recheck_margin: float = 0.005  # recompute answers whose top-two logit margin is below this (and non-finite ones)
+    recheck_batched: bool = False  # recompute them batched in float32 compute (not one at a time): not the reference's loop
+    # CUDA: SDPA backends for the fast path's attention (None: PyTorch's choice, which on an H100 with
+    # fp16 is cuDNN, building an execution plan for every new batch shape).
+    sdpa_backends: tuple[str, ...] | None = ("flash", "efficient", "math")
     min_prefix: int = 8  # shorter shared prefixes are not worth a cache
     stats: dict = field(default_factory=dict)  # filled in: prefix length, batches, rechecked
 
@@ -167,7 +175,8 @@ def generate_fast(model, tokenizer, prompts: Sequence[str], new_tokens: Sequence
     options.stats.update(prefix_tokens=prefix, batches=len(batches), questions=len(prompts))
 
     results: list[tuple[list[int], float]] = [([], float("nan"))] * len(prompts)
-    with torch.inference_mode(), _low_precision(model, options.compute_dtype, options.half_blocks), _dora_caching():
+    with torch.inference_mode(), _low_precision(model, options.compute_dtype, options.half_blocks), _dora_caching(), \
+            _sdpa_backends(options.sdpa_backends if device.type == "cuda" else None):
         prefix_cache = None
         if prefix:
             prefix_cache = DynamicCache()
@@ -195,9 +204,20 @@ def generate_fast(model, tokenizer, prompts: Sequence[str], new_tokens: Sequence
     unsure = [i for i, a in enumerate(answers) if not math.isfinite(a.margin) or a.margin < options.recheck_margin]
     options.stats["rechecked"] = len(unsure)
     if unsure:
-        log.info("recomputing %d of %d answers one at a time (logit margin < %g or not finite)",
-                 len(unsure), len(answers), options.recheck_margin)
-        exact = generate_one_at_a_time(model, tokenizer, [prompts[i] for i in unsure], [new_tokens[i] for i in unsure])
+        log.info("recomputing %d of %d answers %s (logit margin < %g or not finite)", len(unsure), len(answers),
+                 "batched in float32" if options.recheck_batched else "one at a time", options.recheck_margin)
+        started = time.perf_counter()
+        unsure_prompts, unsure_new = [prompts[i] for i in unsure], [new_tokens[i] for i in unsure]
+        if options.recheck_batched:
+            # The loaded model's numerics (no fp16, full-precision float32 matmuls, PyTorch's SDPA
+            # choice), batched as above; a non-finite result there still goes one at a time.
+            again = FastOptions(batch_tokens=options.batch_tokens, max_batch=options.max_batch, compute_dtype=None,
+                                half_blocks=False, recheck_margin=0.0, min_prefix=options.min_prefix, sdpa_backends=None)
+            with _ieee_float32():
+                exact = generate_fast(model, tokenizer, unsure_prompts, unsure_new, again)
+        else:
+            exact = generate_one_at_a_time(model, tokenizer, unsure_prompts, unsure_new)
+        options.stats["recheck_seconds"] = round(time.perf_counter() - started, 3)
         for i, answer in zip(unsure, exact):
             answers[i] = Answer(answer.output, answer.token_ids, answers[i].margin, rechecked=True)
     return answers
@@ -329,6 +349,20 @@ def _half_blocks(model, dtype: torch.dtype) -> Iterator[None]:
         ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
         for mlp in mlps:
             del mlp.forward
+
+
+@contextlib.contextmanager
+def _sdpa_backends(names: Sequence[str] | None) -> Iterator[None]:
+    """Restrict `scaled_dot_product_attention` to these backends ("flash", "efficient", "math", "cudnn")."""
+    if not names:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
+    with sdpa_kernel([backends[name] for name in names]):
+        yield
 
 
 @contextlib.contextmanager
