@@ -70,7 +70,7 @@ class FedTuneProx(FedProx):
     """FedProx that sends a per-round LR, travels in `comm.dtype`, samples reproducibly,
     survives lost replies and logs every round, including its failures, to metrics.jsonl."""
 
-    def __init__(self, settings: Settings, run_dir: Path, cumulative_bytes: int = 0) -> None:
+    def __init__(self, settings: Settings, run_dir: Path) -> None:
         strategy = settings.strategy
         super().__init__(
             fraction_train=strategy.fraction_train,
@@ -81,7 +81,7 @@ class FedTuneProx(FedProx):
         )
         self.settings = settings
         self.metrics_path = run_dir / "metrics.jsonl"
-        self.cumulative_bytes = cumulative_bytes
+        self.cumulative_bytes = 0  # continued from the checkpoint's run state on resume
 
     def lr(self, server_round: int) -> float:
         train = self.settings.train
