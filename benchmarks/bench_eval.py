@@ -167,6 +167,9 @@ def main() -> None:
     parser.add_argument("--shape", choices=("8b", "tiny"), default="8b")
     parser.add_argument("--per-dataset", type=int, default=300, help="questions per benchmark for the fast path")
     parser.add_argument("--reference-per-dataset", type=int, default=100, help="of those, answered one at a time")
+    parser.add_argument("--variants", default="default,cudnn,no-recheck,batched,fp16-matmuls",
+                        help="comma-separated: default, cudnn, no-recheck, batched, fp16-matmuls, fp16-matmuls-batched, "
+                             "fp16-matmuls-recheck, bf16, no-prefix")
     parser.add_argument("--profile", action="store_true", help="profile the fast path on one benchmark (CUDA)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -227,13 +230,21 @@ def main() -> None:
     save()
 
     default_margin = FastOptions().recheck_margin
-    variants = [
-        (f"default: fp16 + fp16 attention/MLP, SDPA flash/efficient, recheck margin < {default_margin}", {}),
-        ("same, SDPA left to PyTorch (cuDNN)", dict(sdpa_backends=None)),
-        ("fp16 + fp16 attention/MLP, no recheck", dict(recheck_margin=0.0)),
-        (f"fp16 + fp16 attention/MLP, recheck margin < {default_margin} batched in float32", dict(recheck_batched=True)),
-        ("fp16 matmuls only, no recheck", dict(half_blocks=False, recheck_margin=0.0)),
-    ]
+    variants = {
+        "default": (f"default: fp16 + fp16 attention/MLP, SDPA flash/efficient, recheck margin < {default_margin}", {}),
+        "cudnn": ("same, SDPA left to PyTorch (cuDNN)", dict(sdpa_backends=None)),
+        "no-recheck": ("fp16 + fp16 attention/MLP, no recheck", dict(recheck_margin=0.0)),
+        "batched": (f"fp16 + fp16 attention/MLP, recheck margin < {default_margin} batched in float32",
+                    dict(recheck_batched=True)),
+        "fp16-matmuls": ("fp16 matmuls only, no recheck", dict(half_blocks=False, recheck_margin=0.0)),
+        "fp16-matmuls-batched": (f"fp16 matmuls only, recheck margin < {default_margin} batched in float32",
+                                 dict(half_blocks=False, recheck_batched=True)),
+        "fp16-matmuls-recheck": (f"fp16 matmuls only, recheck margin < {default_margin} one at a time",
+                                 dict(half_blocks=False)),
+        "bf16": ("bf16 + bf16 attention/MLP, no recheck", dict(compute_dtype=torch.bfloat16, recheck_margin=0.0)),
+        "no-prefix": ("fp16 + fp16 attention/MLP, no prefix cache, no recheck", dict(min_prefix=10**9, recheck_margin=0.0)),
+    }
+    variants = [variants[key] for key in args.variants.split(",")]
     result["warm_up"] = ("every variant runs twice over all questions; the first pass (first_pass_seconds) warms "
                          "its shapes and backends, the second is timed and compared")
     result["variants"] = []
