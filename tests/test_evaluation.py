@@ -317,3 +317,33 @@ def test_cli_reports_a_bad_file_before_loading_any_model(tmp_path, capsys, monke
     code = main(["eval", "--base-model", "tiny", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")])
     assert code == 2
     assert f"{tmp_path / 'careqa.jsonl'}: row 2: field 'op2': missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], dict(half_blocks=False, recheck_margin=0.0, recheck_batched=False)),
+    (["--half-blocks", "--recheck-margin", "0.005", "--recheck-batched"],
+     dict(half_blocks=True, recheck_margin=0.005, recheck_batched=True)),
+])
+def test_cli_fast_path_flags_reach_the_options(tmp_path, monkeypatch, flags, expected):
+    import torch
+
+    from app.cli import main
+    from app.evaluation import cli
+
+    seen = {}
+
+    def evaluate(model, tokenizer, question_sets, *, options, **kwargs):
+        seen["options"] = options
+        return {"average": 0.0}
+
+    monkeypatch.setattr(cli, "load_model", lambda *a: (None, None))
+    monkeypatch.setattr(cli, "evaluate", evaluate)
+    shutil.copy(FIXTURES / "medqa.jsonl", tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["eval", "--base-model", "tiny", "--datasets", "medqa", "--data-dir", str(tmp_path),
+                 "--output-dir", str(out), *flags]) == 0
+    options = seen["options"]
+    assert {key: getattr(options, key) for key in expected} == expected
+    assert options.compute_dtype == torch.float16 and options.sdpa_backends == ("flash", "efficient", "math")
+    assert not runner.FastOptions().half_blocks  # the library default is the CLI's (BENCHMARKS.md, issue 5)
