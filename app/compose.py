@@ -178,6 +178,9 @@ def _superlink_service(spec: StackSpec, paths) -> dict[str, Any]:
         },
         "init": True,
         "restart": "unless-stopped",
+        # 4x a SuperNode's CPU weight: when many nodes start at once on a small host, the
+        # coordinator must still answer their activations within their timeout
+        "cpu_shares": 4096,
     }
     if spec.role == "all":
         service["depends_on"] = {"certs": DONE}

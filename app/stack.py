@@ -206,6 +206,7 @@ def cmd_smoke(args) -> int:
         "run_dirs": [str(p) for p in result.run_dirs],
         "idle_supernode_memory_mib": {kind: {"median": round(statistics.median(v), 1), "max": round(v[-1], 1)}
                                       for kind, v in idle.items() if v},
+        "supernode_restarts": result.supernode_restarts,
         "supernode_uids": sorted({u for s, us in result.users.items() if s.startswith("supernode-") for u in us}),
         "leftovers": result.leftovers,
     }, indent=2))

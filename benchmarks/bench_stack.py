@@ -61,6 +61,7 @@ def main() -> None:
         "two_rounds_total_s": round(result.total_seconds, 1),
         "idle_supernode_mib": {kind: {"median": round(statistics.median(v), 1), "max": round(v[-1], 1)}
                                for kind, v in idle.items()},
+        "supernode_restarts": result.supernode_restarts,
         "supernode_uids": sorted({u for s, us in result.users.items() if s.startswith("supernode-") for u in us}),
         "leftovers": result.leftovers,
     }
