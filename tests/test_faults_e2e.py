@@ -51,7 +51,8 @@ def test_killed_supernode_and_trainer(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # the only reader of stdout
+    reader.start()
     try:
         submitted = _wait(lambda: next((ln for ln in lines if "submitted; results in" in ln), None), 400, "the run")
         run = Path(submitted.split("results in ")[1].strip())
@@ -73,7 +74,8 @@ def test_killed_supernode_and_trainer(tmp_path):
         [superlink] = [p for p in psutil.process_iter(["cmdline"]) if "flower-superlink" in " ".join(p.info["cmdline"] or [])
                        and str(tmp_path) in " ".join(p.info["cmdline"])]
         superlink.kill()
-        output, _ = proc.communicate(timeout=600)
+        proc.wait(timeout=600)
+        reader.join(timeout=30)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
