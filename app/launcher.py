@@ -102,10 +102,11 @@ class Federation:
         log.close()
         self.commands[name], self.started[name] = (command, env), time.monotonic()
 
-    def check(self, essential: tuple[str, ...], out=sys.stdout) -> None:
+    def check(self, essential: tuple[str, ...], out=None) -> None:
         """Raise if an essential component exited; restart any other (SuperLink, SuperNode) that
         did, after a back-off: a killed SuperNode is refused until the SuperLink has seen its
         heartbeats stop (up to a minute), so its first restarts may fail fast."""
+        out = out or sys.stdout
         now = time.monotonic()
         for name, proc in list(self.processes.items()):
             if name in self.pending:
@@ -173,8 +174,9 @@ def _raise_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=sys.stdout) -> str:
+def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=None) -> str:
     """Print one line per finished round until the run ends; return its final status."""
+    out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     metrics = run_dir / "metrics.jsonl"
     shown, unreachable_since = 0, None
     while True:
@@ -213,7 +215,8 @@ def submit(env: dict[str, str], run_config: dict[str, Any]) -> str:
     return str(reply["run-id"])
 
 
-def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | None, essential: tuple[str, ...], timeout: float, out=sys.stdout) -> None:
+def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | None, essential: tuple[str, ...], timeout: float, out=None) -> None:
+    out = out or sys.stdout
     deadline, last, count, error = time.monotonic() + timeout, -1, 0, None
     while True:
         try:  # a SuperLink still starting, or a host too busy to answer in time: ask again
