@@ -185,7 +185,7 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
         try:
             status = run_status(run_id, env)
             unreachable_since = None
-        except (LaunchError, subprocess.TimeoutExpired) as exc:  # the SuperLink restarting: wait for it
+        except LaunchError as exc:  # the SuperLink restarting (flwr_json also turns timeouts into this): wait for it
             unreachable_since = unreachable_since or time.monotonic()
             if time.monotonic() - unreachable_since > SUPERLINK_PATIENCE:
                 raise LaunchError(f"SuperLink unreachable for {SUPERLINK_PATIENCE:.0f} s: {exc}") from None
