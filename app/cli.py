@@ -10,12 +10,12 @@ import sys
 # command being run is imported (as pip does): `fedtune supernode` stays resident in every
 # SuperNode container and should not carry the other commands' imports.
 COMMANDS = {
-    "local": "app.launcher",
-    "run": "app.launcher",
+    "local": "app.deploy.launcher",
+    "run": "app.deploy.launcher",
     "supernode": "app.trainer_service",
-    "certs": "app.certs",
+    "certs": "app.deploy.certs",
     "eval": "app.evaluation.cli",
-    "stack": "app.stack",
+    "stack": "app.deploy.stack",
 }
 
 

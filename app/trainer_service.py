@@ -147,7 +147,7 @@ class TrainerServer:
         process computes on (pid, CUDA_VISIBLE_DEVICES, UUID, PCI bus id), for the node's log."""
         if self._device_reported or "torch" not in sys.modules:
             return
-        from app.gpu_plan import DEVICE_LOG_PREFIX, describe_cuda_device
+        from app.deploy.gpu_plan import DEVICE_LOG_PREFIX, describe_cuda_device
 
         self._device_reported = True
         print(DEVICE_LOG_PREFIX + json.dumps(describe_cuda_device()), file=sys.stderr, flush=True)

@@ -143,7 +143,7 @@ class RoundWorker:
 
 def _release_cached_memory() -> None:
     """Give the round's activations back to the GPU: a resident node idles at its model's size,
-    so other nodes sharing the GPU can train (the memory plan in app/gpu_plan.py counts on it)."""
+    so other nodes sharing the GPU can train (the memory plan in app/deploy/gpu_plan.py counts on it)."""
     import gc
 
     import torch

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app import gpu_plan  # noqa: E402
+from app.deploy import gpu_plan  # noqa: E402
 
 MIB = 2**20
 GIB = 2**30

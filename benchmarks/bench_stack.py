@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def image_sizes(client) -> dict[str, float]:
-    from app.compose import app_image, superlink_image
+    from app.deploy.compose import app_image, superlink_image
 
     return {name: round(client.images.get(name).attrs["Size"] / 1e9, 2) for name in (app_image(), superlink_image())}
 
@@ -40,7 +40,7 @@ def main() -> None:
 
     import docker
 
-    from app.smoke import smoke
+    from app.deploy.smoke import smoke
 
     client = docker.from_env()
     results = Path(tempfile.mkdtemp(prefix="fedtune-bench-stack-"))

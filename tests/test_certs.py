@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification
 
-from app.certs import (
+from app.deploy.certs import (
     CertError,
     ensure_certs,
     flower_tls_args,
@@ -101,7 +101,7 @@ def test_refuses_to_overwrite_without_force(generated, capsys):
 
 
 def test_write_never_clobbers_a_file_that_appeared_meanwhile(tmp_path):
-    from app.certs import _write
+    from app.deploy.certs import _write
 
     target = tmp_path / "ca.key"
     target.write_bytes(b"made by someone else")

@@ -1,11 +1,11 @@
-"""The pre-start GPU memory plan (app/gpu_plan.py), on CPU with fake nvidia-smi figures."""
+"""The pre-start GPU memory plan (app/deploy/gpu_plan.py), on CPU with fake nvidia-smi figures."""
 
 import subprocess
 import types
 
 import pytest
 
-from app import gpu_plan, launcher
+from app.deploy import gpu_plan, launcher
 from app.config import load_settings
 from app.model import LLAMA3_8B_SHAPE
 

@@ -114,7 +114,7 @@ def test_ctrl_c_stops_everything(tmp_path):
 
 
 def flower_superlink_args(results: Path) -> list[str]:
-    from app.certs import CertPaths, flower_tls_args
+    from app.deploy.certs import CertPaths, flower_tls_args
 
     [certs] = results.glob(".local/*/certs")
     return flower_tls_args("superlink", CertPaths(certs, NODES), isolation="process")
@@ -150,7 +150,7 @@ def test_bad_config_is_refused_before_anything_starts(tmp_path):
 def test_waiting_for_nodes_survives_a_superlink_that_does_not_answer(monkeypatch, capsys):
     """A SuperLink still starting, or a host too loaded to answer `flwr supernode list` in time,
     is asked again; a persistent error is named when the wait gives up."""
-    from app import launcher
+    from app.deploy import launcher
 
     replies = iter([launcher.LaunchError("`flwr supernode list` did not answer within 60 s"), 1, 2])
 

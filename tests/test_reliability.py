@@ -299,7 +299,7 @@ def test_unwritable_results_dir_fails_before_any_node_works(tmp_path, fast_init)
 def test_local_up_refuses_a_mismatched_checkpoint_before_starting(tmp_path, checkpoint_run, capsys):
     from argparse import Namespace
 
-    from app.launcher import local_up
+    from app.deploy.launcher import local_up
 
     _, peft = checkpoint_run
     results = tmp_path / "launch"

@@ -1,4 +1,4 @@
-"""The compose generator (app/stack.py): committed files equal its output; parameters; Compose accepts it."""
+"""The compose generator (app/deploy/stack.py): committed files equal its output; parameters; Compose accepts it."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.certs import CertPaths, flower_tls_args
-from app.compose import COMMITTED, REPO, StackSpec, compose_spec, render_compose, smoke_spec
+from app.deploy.certs import CertPaths, flower_tls_args
+from app.deploy.compose import COMMITTED, REPO, StackSpec, compose_spec, render_compose, smoke_spec
 
 
 def _compose_v2() -> bool:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.compose import REPO, UID, app_image, render_compose, smoke_spec, superlink_image
-from app.smoke import Stack, smoke
+from app.deploy.compose import REPO, UID, app_image, render_compose, smoke_spec, superlink_image
+from app.deploy.smoke import Stack, smoke
 
 docker = pytest.importorskip("docker")
 
@@ -165,7 +165,7 @@ def test_two_hosts_reach_the_superlink_only_by_its_tls_name(images, tmp_path):
     own key files; a tiny run of 2 rounds completes."""
     import socket
 
-    from app.compose import StackSpec, compose_spec
+    from app.deploy.compose import StackSpec, compose_spec
 
     tls_name, sites = "superlink.fedtune.test", 2
     certs, results = tmp_path / "certs", tmp_path / "results"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.compose import DEFAULT_NODES, REPO, UID, app_image, render_compose, smoke_spec
+from app.deploy.compose import DEFAULT_NODES, REPO, UID, app_image, render_compose, smoke_spec
 
 
 SUPERNODE_RESTARTS = 15  # Docker's back-off (0.1 s doubling) spans about a minute by then

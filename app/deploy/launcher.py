@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
+from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ConfigError, load_settings, parse_overrides
 
-APP_DIR = Path(__file__).resolve().parent.parent  # holds pyproject.toml: what `flwr run` builds
+APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
 POLL_SECONDS = 2.0
 # Restart policy for components that die: back-off 1, 2, 4, 5, 5 ... s (short: a killed node's
@@ -259,7 +259,7 @@ def local_up(args) -> int:
         run_config["dataset.num-partitions"] = args.supernodes
     settings = load_settings(run_config)
     if gpus:  # issue 7: refuse before anything starts when the nodes' models do not fit
-        from app.gpu_plan import preflight
+        from app.deploy.gpu_plan import preflight
 
         if (refused := preflight(settings, args.supernodes, gpus)) is not None:
             print(f"fedtune: {refused}", file=sys.stderr)
@@ -342,7 +342,7 @@ _INSECURE: dict[str, Any] = {
 
 
 def _secure(paths: CertPaths) -> dict[str, Any]:
-    """TLS on every Flower API and SuperNode authentication, from app.certs' one definition."""
+    """TLS on every Flower API and SuperNode authentication, from app.deploy.certs' one definition."""
     return {
         "superlink": flower_tls_args("superlink", paths, isolation="process"),
         "superexec": flower_tls_args("superexec-serverapp", paths),

@@ -1,4 +1,4 @@
-"""`fedtune stack`: the Docker Compose deployment (generator in app/compose.py, driver in app/smoke.py).
+"""`fedtune stack`: the Docker Compose deployment (generator in app/deploy/compose.py, driver in app/deploy/smoke.py).
 
     fedtune stack compose > compose.yaml                              # what `docker compose up` runs
     fedtune stack compose --role superlink > compose.superlink.yaml   # the coordinating site
@@ -8,7 +8,7 @@
 The services (docs/docker.md):
 
     certs        one-shot: CA, SuperLink certificate, SuperExec secret, one key pair per SuperNode,
-                 created in the `certs` volume when missing (`fedtune stack certs`, app.certs)
+                 created in the `certs` volume when missing (`fedtune stack certs`, app.deploy.certs)
     model-cache  one-shot: the profile's base model and data into the `model-cache` volume, once;
                  every SuperNode mounts it read-only (`fedtune stack cache`)
     superlink    flower-superlink, TLS + SuperNode authentication, state in the `superlink-state`
@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.compose import CACHE, CERTS, DEFAULT_GPUS, DEFAULT_NODES, ROLES, SUPERLINK, StackSpec, dataset_file, render_compose
-from app.smoke import StackError
+from app.deploy.compose import CACHE, CERTS, DEFAULT_GPUS, DEFAULT_NODES, ROLES, SUPERLINK, StackSpec, dataset_file, render_compose
+from app.deploy.smoke import StackError
 
 FEDERATION = "fedtune"
 
@@ -43,7 +43,7 @@ FEDERATION = "fedtune"
 
 def cmd_certs(args) -> int:
     """Create what is missing in the certs volume; keep what exists and is valid."""
-    from app.certs import CertError, ensure_certs
+    from app.deploy.certs import CertError, ensure_certs
 
     try:
         paths = ensure_certs(Path(args.dir), args.san or ["superlink"], num_supernodes=args.supernodes)
@@ -93,7 +93,7 @@ def _register_keys_in_process(paths, nodes: int, deadline: float, out=sys.stdout
 
 def cmd_register(args) -> int:
     """Register SuperNode keys 0..N-1 with the SuperLink; a key it already knows is fine."""
-    from app.certs import CertPaths, flwr_cli_config, register_supernode_command
+    from app.deploy.certs import CertPaths, flwr_cli_config, register_supernode_command
 
     paths = CertPaths(Path(args.certs), args.nodes)
     home = Path(tempfile.mkdtemp(prefix="fedtune-register-"))
@@ -189,7 +189,7 @@ def cmd_compose(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    from app.smoke import smoke
+    from app.deploy.smoke import smoke
 
     try:
         result = smoke(nodes=args.nodes, rounds=args.rounds, results=Path(args.results) if args.results else None,
