@@ -118,7 +118,7 @@ class ResumePoint:
 
 # Keys that change what rounds N+1.. compute: resuming with other values would not continue the run.
 RESUME_MUST_MATCH = (
-    "seed", "num-server-rounds", "model.", "train.", "dataset.", "comm.dtype",
+    "seed", "num-server-rounds", "model.", "train.", "dataset.", "comm.format",
     "strategy.fraction-train", "strategy.min-train-nodes", "strategy.proximal-mu",
 )
 

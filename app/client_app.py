@@ -10,6 +10,8 @@ import logging
 import os
 import time
 
+import psutil
+
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -40,13 +42,13 @@ def initial_adapter(msg: Message, context: Context) -> Message:
             log.warning("%s; initialising in-process", exc)
     if adapter is None:
         adapter = RoundWorker().initial_adapter(run_config)
-    content = RecordDict({"arrays": comm.encode(adapter, "float32")})
-    return Message(content=content, reply_to=msg)
+    arrays, wire = comm.encode(adapter, "float32", comm.WEIGHTS)
+    return Message(content=RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+    started, handler_start = time.perf_counter(), time.time()
     run_config = dict(context.run_config)
     settings = load_settings(run_config)
     config: ConfigRecord = msg.content["config"]
@@ -57,7 +59,10 @@ def train(msg: Message, context: Context) -> Message:
         lr=float(config["lr"]),
         proximal_mu=float(config["proximal-mu"]),
     )
-    global_adapter = comm.decode(msg.content["arrays"])
+    fmt = settings.comm.format
+    global_adapter = comm.decode(
+        msg.content["arrays"], msg.content["wire"], expect_format=comm.download_format(fmt), expect_content=comm.WEIGHTS
+    )
 
     adapter, metrics, resident = None, None, 0.0
     if socket_path := _trainer_socket(settings.trainer.resident):
@@ -81,11 +86,14 @@ def train(msg: Message, context: Context) -> Message:
         {
             "partition-id": float(request.node.partition_id),
             "resident": resident,
-            # From message arrival to reply, including process start-up work done here.
-            "clientapp-seconds": time.perf_counter() - started,
+            # This node's clock (epoch s): the report aligns it with the ServerApp's.
+            "t-process-start": psutil.Process().create_time(),
+            "t-handler-start": handler_start,
         }
     )
-    content = RecordDict(
-        {"arrays": comm.encode(adapter, settings.comm.dtype), "metrics": MetricRecord(metrics)}
-    )
-    return Message(content=content, reply_to=msg)
+    # The round's update relative to the adapter as received: see app/comm.py for why.
+    arrays, wire = comm.encode(comm.subtract(adapter, global_adapter), fmt, comm.UPDATE, settings.comm.layout)
+    # From handler entry to reply (process start-up before it is t-handler-start - t-process-start).
+    metrics["clientapp-seconds"] = time.perf_counter() - started
+    metrics["t-reply"] = time.time()
+    return Message(content=RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -2,7 +2,8 @@
 
 Sources, lowest to highest precedence:
 1. the field defaults below (the seed recipe, profile `bio-medical-llama3-8b`);
-2. the selected profile's overrides (`PROFILES`), for keys the run config leaves at the seed value;
+2. the selected profile's overrides (`PROFILES`), for keys the run config leaves at the seed value
+   and that are not listed in `explicit-keys`;
 3. the run config (pyproject defaults fused with `flwr run --run-config` overrides);
 4. `FEDTUNE_*` environment variables of the process that reads the config
    (e.g. `FEDTUNE_TRAINER__RESIDENT=false`: dots become `__`, dashes `_`).
@@ -100,6 +101,9 @@ class StrategySettings(_Section):
     min_replies: int = Field(1, ge=1)
     on_too_few_replies: Literal["retry", "skip", "fail"] = "retry"
     max_retries: int = Field(2, ge=0)
+    # A reply claiming more examples than this is refused, so no node takes all the weight.
+    # 0: the partition size of a dataset the ServerApp knows (app/data.py), else no bound.
+    max_num_examples: int = Field(0, ge=0)
 
 
 class DatasetSettings(_Section):
@@ -118,9 +122,12 @@ class TrainerSettings(_Section):
 
 
 class CommSettings(_Section):
-    # bfloat16 halves every transfer (BENCHMARKS.md: no measurable training change); float32 gives
-    # FlowerTune-exact accounting.
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    # Updates travel up in this format, weights down in bfloat16 (float32 for "float32"): see
+    # app/comm.py. The default is the narrowest format whose effect on a round's update at the
+    # seed's learning rates stays within 10 % of float32's (BENCHMARKS.md, communication).
+    format: Literal["float32", "bfloat16", "int8-block64", "int8-block256"] = "int8-block64"
+    # "per-array" (one Flower Array per tensor) exists for the transport benchmark only.
+    layout: Literal["packed", "per-array"] = "packed"
 
 
 class ResultsSettings(_Section):
@@ -139,6 +146,9 @@ class Settings(BaseSettings):
     num_server_rounds: int = Field(10, ge=1)
     # A checkpoint directory `<results>/run-<id>/peft_N` to continue from, at round N+1.
     resume_from: str = ""
+    # Comma-separated keys the submitter set explicitly (`fedtune` fills it in): the profile
+    # never replaces them, even when their value equals the seed recipe's.
+    explicit_keys: str = ""
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     strategy: StrategySettings = StrategySettings()
@@ -236,7 +246,10 @@ class _FlatEnvSource(PydanticBaseSettingsSource):
 
 
 def resolve(run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Flat keys after applying the profile: the profile wins over untouched seed values."""
+    """Flat keys after applying the profile. Flower fuses pyproject's defaults with the
+    overrides before the app sees them, so a key at its seed value may be a default or a
+    choice; `explicit-keys` (written by the submitter, who still knows) says which were chosen.
+    The profile replaces only untouched seed values."""
     seed = seed_defaults()
     given = dict(run_config or {})
     unknown = sorted(set(given) - set(seed))
@@ -248,14 +261,19 @@ def resolve(run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     profile = given.get("profile", seed["profile"])
     if profile not in PROFILES:
         raise ConfigError(f"config key 'profile': {profile!r} is not one of {sorted(PROFILES)}")
+    explicit = {k.strip() for k in str(given.get("explicit-keys", "")).split(",") if k.strip()}
     merged = dict(seed)
+    merged.update(given)
     for key, value in PROFILES[profile].items():
-        if given.get(key, seed[key]) == seed[key]:
-            merged[key] = value
-    for key, value in given.items():
-        if key not in PROFILES[profile] or value != seed[key]:
+        if key not in explicit and merged[key] == seed[key]:
             merged[key] = value
     return merged
+
+
+def with_explicit_keys(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config to submit: every key it sets is marked as chosen (see `resolve`)."""
+    keys = sorted(set(config) - {"profile", "explicit-keys"})
+    return {**config, "explicit-keys": ",".join(keys)}
 
 
 def load_settings(run_config: Mapping[str, Any] | None = None) -> Settings:

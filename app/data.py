@@ -165,3 +165,19 @@ def _describe_value(value: Any) -> str:
 def build_examples(rows: Sequence[dict[str, str]], tokenizer: Any, seq_length: int) -> list[Example]:
     examples = (tokenize_example(tokenizer, r["instruction"], r["response"], seq_length) for r in rows)
     return [e for e in examples if e is not None]
+
+
+# Rows of the datasets whose size the ServerApp knows without reading them (medalpaca's card:
+# 33,955 Anki flashcards; the tiny set is generated with a fixed count).
+KNOWN_DATASET_ROWS = {"medalpaca/medical_meadow_medical_flashcards": 33_955}
+
+
+def known_partition_size(name: str, path: str, num_partitions: int) -> int | None:
+    """The largest IID partition of a dataset the server knows, or None. `path` may be the
+    stack's own export of the hub dataset (same rows), recognised by its file name."""
+    from app.tiny import NUM_FLASHCARDS
+
+    rows = {**KNOWN_DATASET_ROWS, "tiny": NUM_FLASHCARDS}.get(name)
+    if rows is None or (path and Path(path).name != name.replace("/", "__") + ".jsonl"):
+        return None
+    return -(-rows // num_partitions)

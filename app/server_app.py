@@ -7,6 +7,14 @@ Rounds survive lost nodes: a round aggregates the replies that arrive within
 is retried, skipped or fails the run (`strategy.on-too-few-replies`), never aggregated from
 nothing. `resume-from=<results>/run-<id>/peft_N` continues a stopped run at round N+1 with the
 same LR schedule, node samples and communication budget.
+
+Nodes send their round's update, not their weights; the ServerApp keeps the global adapter in
+float32 and adds the example-weighted mean update (app/comm.py says why). Every reply is checked
+before it counts (`check_reply`): tensors and sizes against the global adapter, finite values
+and metrics, `num-examples` a positive integer within `strategy.max-num-examples`. A reply that
+fails is a failed node for that round, with the reason in metrics.jsonl. Every wait has a
+deadline: for nodes (NODE_WAIT_SECONDS), for replies and for the initial adapter
+(`strategy.round-timeout`).
 """
 
 from __future__ import annotations
@@ -17,12 +25,12 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 
@@ -33,12 +41,21 @@ from app.report import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+State = Mapping[str, np.ndarray]
 
 CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples", "train-seconds", "clientapp-seconds", "model-load-seconds", "resident")
+# The ServerApp's own short poll instead of Grid.send_and_receive's fixed 3 s sleep.
+POLL_SECONDS = 0.25
+# How long a round, or the initial adapter, waits for enough SuperNodes to be online.
+NODE_WAIT_SECONDS = 600.0
 
 
 class TooFewReplies(RuntimeError):
     """A round got fewer usable replies than strategy.min-replies and the policy is 'fail'."""
+
+
+class NodesUnavailable(RuntimeError):
+    """Not enough SuperNodes came online, or none returned the initial adapter, in time."""
 
 
 def cosine_lr(server_round: int, total_rounds: int, lr_max: float, lr_min: float) -> float:
@@ -46,14 +63,14 @@ def cosine_lr(server_round: int, total_rounds: int, lr_max: float, lr_min: float
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / total_rounds))
 
 
-def weighted_average(states: list[dict[str, np.ndarray]], weights: list[float]) -> dict[str, np.ndarray]:
-    """Example-weighted mean of adapters, in float32."""
+def apply_mean_update(master: State, updates: list[State], weights: list[float]) -> dict[str, np.ndarray]:
+    """The float32 master plus the example-weighted mean of the nodes' updates."""
     total = float(sum(weights))
-    if not states or total <= 0:
+    if not updates or total <= 0:
         raise ValueError("cannot aggregate: no reply with a positive number of examples")
     return {
-        key: sum(state[key].astype(np.float32) * np.float32(w / total) for state, w in zip(states, weights, strict=True))
-        for key in states[0]
+        key: master[key] + sum(u[key] * np.float32(w / total) for u, w in zip(updates, weights, strict=True)).astype(np.float32)
+        for key in master
     }
 
 
@@ -66,9 +83,70 @@ def sample_nodes(nodes: list[Any], sample_size: int, seed: int, server_round: in
     return random.Random(int.from_bytes(digest[:8], "big")).sample(ordered, sample_size)
 
 
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], float, dict[str, float]]:
+    """Push `messages`, then pull replies every POLL_SECONDS until all are in or `timeout` s
+    have passed. Returns the replies, when the push finished and when each reply arrived
+    (epoch seconds, keyed by the message it answers)."""
+    pending = set(grid.push_messages(messages))
+    sent = time.time()
+    deadline = time.monotonic() + timeout
+    replies, arrived = [], {}
+    while pending:
+        for reply in grid.pull_messages(list(pending)):
+            replies.append(reply)
+            arrived[reply.metadata.reply_to_message_id] = time.time()
+            pending.discard(reply.metadata.reply_to_message_id)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(POLL_SECONDS)
+    return replies, sent, arrived
+
+
+def wait_for_nodes(grid: Grid, needed: int, what: str, patience: float = NODE_WAIT_SECONDS) -> list[Any]:
+    deadline = time.monotonic() + patience
+    while True:
+        nodes = list(grid.get_nodes())
+        if len(nodes) >= needed:
+            return nodes
+        if time.monotonic() >= deadline:
+            raise NodesUnavailable(f"{what}: {len(nodes)} SuperNode(s) online after {patience:g} s, {needed} needed")
+        log.info("%s: waiting for SuperNodes (%d online, %d needed)", what, len(nodes), needed)
+        time.sleep(1)
+
+
+def check_reply(reply: Message, shapes: Mapping[str, tuple[int, ...]], fmt: str, max_examples: int | None) -> tuple[State, dict[str, float]]:
+    """A node's update and metrics, or ReplyRejected naming why it cannot count. Sizes are
+    checked before anything is decoded (app/comm.py); nothing from a node is trusted."""
+    content = reply.content
+    missing = [k for k in ("arrays", "wire", "metrics") if k not in content]
+    if missing:
+        raise ReplyRejected(f"reply lacks {missing}; has {sorted(content.keys())}")
+    metrics = dict(content["metrics"])
+    if lacking := [k for k in CLIENT_METRICS if k not in metrics]:
+        raise ReplyRejected(f"metrics lack {lacking}")
+    for key, value in metrics.items():
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ReplyRejected(f"metric {key!r} is not a finite number")
+    examples = metrics["num-examples"]
+    if examples <= 0 or examples != int(examples):
+        raise ReplyRejected(f"num-examples {examples!r} is not a positive integer")
+    if max_examples is not None and examples > max_examples:
+        raise ReplyRejected(f"num-examples {int(examples)} exceeds the bound {max_examples} (strategy.max-num-examples)")
+    try:
+        update = comm.decode(content["arrays"], content["wire"], expect_shapes=shapes, expect_format=fmt, expect_content=comm.UPDATE)
+    except comm.WireError as exc:
+        raise ReplyRejected(f"update refused: {exc}") from None
+    return update, {k: float(v) for k, v in metrics.items()}
+
+
+class ReplyRejected(ValueError):
+    """A reply that cannot be aggregated; the node counts as failed for the round."""
+
+
 class FedTuneProx(FedProx):
-    """FedProx that sends a per-round LR, travels in `comm.dtype`, samples reproducibly,
-    survives lost replies and logs every round, including its failures, to metrics.jsonl."""
+    """FedProx over updates: sends a per-round LR and the global adapter, keeps the float32
+    master, checks every reply, samples reproducibly, survives lost or refused replies and logs
+    every round, including its failures, to metrics.jsonl."""
 
     def __init__(self, settings: Settings, run_dir: Path) -> None:
         strategy = settings.strategy
@@ -82,29 +160,25 @@ class FedTuneProx(FedProx):
         self.settings = settings
         self.metrics_path = run_dir / "metrics.jsonl"
         self.cumulative_bytes = 0  # continued from the checkpoint's run state on resume
+        self.max_examples = max_num_examples(settings)
 
     def lr(self, server_round: int) -> float:
         train = self.settings.train
         return cosine_lr(server_round, self.settings.num_server_rounds, train.learning_rate_max, train.learning_rate_min)
 
-    def _sample(self, grid: Grid, server_round: int, attempt: int) -> list[Any]:
-        strategy = self.settings.strategy
-        while True:
-            nodes = list(grid.get_nodes())
-            size = max(int(len(nodes) * strategy.fraction_train), strategy.min_train_nodes, strategy.min_replies)
-            if len(nodes) >= size:
-                return sample_nodes(nodes, size, self.settings.seed, server_round, attempt)
-            log.info("round %d: waiting for nodes (%d online, %d needed)", server_round, len(nodes), size)
-            time.sleep(1)
-
-    def configure_round(self, server_round: int, arrays: ArrayRecord, grid: Grid, attempt: int) -> tuple[list[Message], dict[int, str]]:
-        nodes = self._sample(grid, server_round, attempt)
+    def configure_round(self, server_round: int, master: State, grid: Grid, attempt: int) -> tuple[list[Message], dict[int, str]]:
+        strategy, comm_settings = self.settings.strategy, self.settings.comm
+        needed = max(strategy.min_train_nodes, strategy.min_replies)
+        nodes = wait_for_nodes(grid, needed, f"round {server_round}")
+        size = max(int(len(nodes) * strategy.fraction_train), needed)
+        nodes = sample_nodes(nodes, size, self.settings.seed, server_round, attempt)
         config = ConfigRecord({"server-round": server_round, "proximal-mu": self.proximal_mu, "lr": self.lr(server_round)})
-        record = RecordDict({self.arrayrecord_key: comm.encode(comm.decode(arrays), self.settings.comm.dtype), self.configrecord_key: config})
+        arrays, wire = comm.encode(master, comm.download_format(comm_settings.format), comm.WEIGHTS, comm_settings.layout)
+        record = RecordDict({self.arrayrecord_key: arrays, "wire": wire, self.configrecord_key: config})
         messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n.node_id) for n in nodes]
         return messages, {n.node_id: n.name or str(n.node_id) for n in nodes}
 
-    def collect(self, messages: list[Message], replies: Iterable[Message], names: dict[int, str]) -> dict[str, Any]:
+    def collect(self, messages: list[Message], replies: Iterable[Message], names: dict[int, str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
         """Sort replies into usable ones (in sample order, so aggregation is reproducible) and
         failures. Bytes count only what moved: a download is confirmed by the node's own reply
         (result or error); one with no reply from the node is reported apart as unconfirmed."""
@@ -122,39 +196,46 @@ class FedTuneProx(FedProx):
                 reason = f"error {reply.error.code}: {reply.error.reason}"
             else:
                 out["bytes_down"] += size
-                reason = f"error {reply.error.code}: {reply.error.reason}" if reply.has_error() else _malformed(reply, self.arrayrecord_key)
-                if reason is None:
-                    out["bytes_up"] += comm.record_bytes(reply.content[self.arrayrecord_key])
-                    out["valid"].append(reply)
-                    continue
                 if not reply.has_error() and self.arrayrecord_key in reply.content:
                     out["bytes_up"] += comm.record_bytes(reply.content[self.arrayrecord_key])
+                if reply.has_error():
+                    reason = f"error {reply.error.code}: {reply.error.reason}"
+                else:
+                    try:
+                        update, metrics = check_reply(reply, shapes, self.settings.comm.format, self.max_examples)
+                        out["valid"].append((msg, reply, update, metrics))
+                        continue
+                    except ReplyRejected as exc:
+                        reason = f"refused: {exc}"
             out["failed"].append({"node_id": node, "node": names[node], "reason": reason})
             log.warning("node %s (%d) failed: %s", names[node], node, reason)
         return out
 
-    def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+    def run_round(self, grid: Grid, server_round: int, master: State) -> State:
         """One round, retried per policy; appends its metrics line and returns the new global adapter."""
         strategy = self.settings.strategy
-        started = time.perf_counter()
+        started, t_start = time.perf_counter(), time.time()
         record: dict[str, Any] = {
             "round": server_round, "lr": self.lr(server_round), "status": "skipped", "attempts": 0,
-            "train_loss": None, "clients": [], "failures": 0, "failed": [],
-            "bytes_down": 0, "bytes_up": 0, "bytes_down_unconfirmed": 0,
+            "comm_format": self.settings.comm.format, "train_loss": None, "clients": [], "failures": 0, "failed": [],
+            "bytes_down": 0, "bytes_up": 0, "bytes_down_unconfirmed": 0, "t_start": t_start, "aggregate_seconds": 0.0,
         }
-        new_arrays = arrays
+        new_master = master
+        shapes = comm.shapes_of(master)
         attempts = 1 + (strategy.max_retries if strategy.on_too_few_replies == "retry" else 0)
         for attempt in range(attempts):
-            messages, names = self.configure_round(server_round, arrays, grid, attempt)
-            replies = grid.send_and_receive(messages, timeout=strategy.round_timeout)
-            got = self.collect(messages, replies, names)
+            messages, names = self.configure_round(server_round, master, grid, attempt)
+            replies, sent, arrived = exchange(grid, messages, strategy.round_timeout)
+            got = self.collect(messages, replies, names, shapes)
             record["attempts"] += 1
             record["failures"] += len(got["failed"])
             record["failed"] += [dict(f, attempt=attempt) for f in got["failed"]]
             for key in ("bytes_down", "bytes_up", "bytes_down_unconfirmed"):
                 record[key] += got[key]
             if len(got["valid"]) >= strategy.min_replies:
-                new_arrays = self._aggregate(got["valid"], record)
+                aggregate_start = time.perf_counter()
+                new_master = self._aggregate(master, got["valid"], record, sent, arrived)
+                record["aggregate_seconds"] = time.perf_counter() - aggregate_start
                 break
             log.warning(
                 "round %d attempt %d: %d usable replies of %d sampled, below strategy.min-replies=%d",
@@ -165,6 +246,7 @@ class FedTuneProx(FedProx):
         record.update(bytes_round=round_bytes, cumulative_mib=self.cumulative_bytes / MIB, round_seconds=time.perf_counter() - started)
         if record["status"] != "aggregated" and strategy.on_too_few_replies == "fail":
             record["status"] = "failed"
+        record["t_end"] = time.time()
         append_jsonl(self.metrics_path, record)
         if record["status"] == "failed":
             raise TooFewReplies(
@@ -178,61 +260,69 @@ class FedTuneProx(FedProx):
                 "round %d: train loss %.4f over %d clients (%d failures), %.2f MiB this round, %.2f MiB total",
                 server_round, record["train_loss"], len(record["clients"]), record["failures"], round_bytes / MIB, self.cumulative_bytes / MIB,
             )
-        return new_arrays
+        return new_master
 
-    def _aggregate(self, valid: list[Message], record: dict[str, Any]) -> ArrayRecord:
-        states, weights = [], []
-        for msg in valid:
-            metrics = msg.content["metrics"]
-            arrays = msg.content[self.arrayrecord_key]
-            states.append(comm.decode(arrays))
-            weights.append(float(metrics[self.weighted_by_key]))
-            record["clients"].append(
-                {
-                    "node_id": msg.metadata.src_node_id,
-                    "partition_id": int(metrics["partition-id"]),
-                    "train_loss": float(metrics["train-loss"]),
-                    "proximal_term": float(metrics["proximal-term"]),
-                    "num_examples": int(metrics["num-examples"]),
-                    "skipped_rows": int(metrics.get("skipped-rows", 0)),
-                    "train_seconds": float(metrics["train-seconds"]),
-                    "clientapp_seconds": float(metrics["clientapp-seconds"]),
-                    "model_load_seconds": float(metrics["model-load-seconds"]),
-                    "resident": bool(metrics["resident"]),
-                    "bytes_up": comm.record_bytes(arrays),
-                }
+    def _aggregate(self, master: State, valid: list, record: dict[str, Any], sent: float, arrived: dict[str, float]) -> State:
+        updates, weights = [], []
+        for msg, reply, update, metrics in valid:
+            updates.append(update)
+            weights.append(metrics["num-examples"])
+            client = {key.replace("-", "_"): value for key, value in metrics.items()}
+            client.update(
+                node_id=reply.metadata.src_node_id,
+                partition_id=int(metrics["partition-id"]),
+                num_examples=int(metrics["num-examples"]),
+                skipped_rows=int(metrics.get("skipped-rows", 0)),
+                resident=bool(metrics["resident"]),
+                bytes_up=comm.record_bytes(reply.content[self.arrayrecord_key]),
+                t_sent=sent,
+                t_received=arrived.get(msg.metadata.message_id),
             )
+            record["clients"].append(client)
         record["status"] = "aggregated"
         record["train_loss"] = sum(c["train_loss"] * w for c, w in zip(record["clients"], weights, strict=True)) / sum(weights)
-        return comm.encode(weighted_average(states, weights), "float32")
+        return apply_mean_update(master, updates, weights)
 
 
-def _malformed(reply: Message, arrays_key: str) -> str | None:
-    """Why a reply without an error cannot be aggregated, or None if it can."""
-    content = reply.content
-    if arrays_key not in content or "metrics" not in content:
-        return f"malformed reply: needs '{arrays_key}' and 'metrics', has {sorted(content.keys())}"
-    missing = [k for k in CLIENT_METRICS if k not in content["metrics"]]
-    if missing:
-        return f"malformed reply: metrics lack {missing}"
-    if float(content["metrics"]["num-examples"]) <= 0:
-        return "malformed reply: num-examples <= 0"
-    return None
+def max_num_examples(settings: Settings) -> int | None:
+    """strategy.max-num-examples, or the partition size of a dataset the server knows."""
+    from app.data import known_partition_size
+
+    if settings.strategy.max_num_examples:
+        return settings.strategy.max_num_examples
+    dataset = settings.dataset
+    bound = known_partition_size(dataset.name, dataset.path, dataset.num_partitions)
+    if bound is None:
+        log.warning("no bound on a reply's num-examples: set strategy.max-num-examples (dataset %s is not one the server knows)", dataset.path or dataset.name)
+    return bound
 
 
-def request_initial_adapter(grid: Grid, timeout: float) -> tuple[ArrayRecord, int]:
-    """Ask one connected SuperNode for the freshly initialised adapter."""
-    while not (nodes := sorted(grid.get_nodes(), key=lambda n: (n.name or "", n.node_id))):
-        log.info("waiting for a SuperNode to initialise the adapter")
-        time.sleep(1)
+def request_initial_adapter(grid: Grid, timeout: float) -> tuple[State, int]:
+    """Ask connected SuperNodes, one at a time, for the freshly initialised adapter; the whole
+    search shares one deadline of `timeout` s."""
+    deadline = time.monotonic() + timeout
+    nodes = sorted(wait_for_nodes(grid, 1, "initial adapter"), key=lambda n: (n.name or "", n.node_id))
+    reasons = []
     for node in nodes:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
         message = Message(content=RecordDict({"config": ConfigRecord({})}), message_type="query.init", dst_node_id=node.node_id)
-        replies = list(grid.send_and_receive([message], timeout=timeout))
-        if replies and not replies[0].has_error():
-            arrays = replies[0].content["arrays"]
-            return arrays, comm.record_bytes(arrays)
-        log.warning("node %d could not initialise the adapter: %s", node.node_id, replies[0].error.reason if replies else "timeout")
-    raise RuntimeError("no SuperNode could initialise the adapter")
+        replies, _, _ = exchange(grid, [message], remaining)
+        if not replies:
+            reasons.append(f"node {node.node_id}: no reply")
+            continue
+        reply = replies[0]
+        if reply.has_error():
+            reasons.append(f"node {node.node_id}: {reply.error.reason}")
+            continue
+        try:
+            adapter = comm.decode(reply.content["arrays"], reply.content["wire"], expect_format="float32", expect_content=comm.WEIGHTS)
+            return adapter, comm.record_bytes(reply.content["arrays"])
+        except (KeyError, comm.WireError) as exc:
+            reasons.append(f"node {node.node_id}: refused ({exc})")
+        log.warning("could not get the initial adapter: %s", reasons[-1])
+    raise NodesUnavailable(f"no SuperNode returned the initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons) or 'none asked'}")
 
 
 def prepare_run_dir(results_dir: str, run_id: int) -> Path:
@@ -261,10 +351,10 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     initial, init_bytes = request_initial_adapter(grid, settings.strategy.round_timeout)
     strategy = FedTuneProx(settings, run_dir)
-    arrays, first_round = initial, 1
+    master, first_round = initial, 1
     if resume is not None:
-        check_same_layout(resume.tensors, comm.decode(initial), resume.directory)
-        arrays, first_round = comm.encode(resume.tensors, "float32"), resume.round + 1
+        check_same_layout(resume.tensors, initial, resume.directory)
+        master, first_round = {k: np.asarray(resume.tensors[k], dtype=np.float32) for k in initial}, resume.round + 1
         strategy.cumulative_bytes = int(resume.state["cumulative_bytes"])
         _carry_history(resume.directory.parent / "metrics.jsonl", strategy.metrics_path, resume.round)
         log.info("resuming %s at round %d", resume.directory, first_round)
@@ -272,12 +362,12 @@ def main(grid: Grid, context: Context) -> None:
     stopped = None
     try:
         for server_round in range(first_round, last + 1):
-            arrays = strategy.run_round(grid, server_round, arrays)
+            master = strategy.run_round(grid, server_round, master)
             if server_round % settings.train.save_every_round == 0 or server_round == last:
                 run_state = {"round": server_round, "cumulative_bytes": strategy.cumulative_bytes, "run_id": context.run_id, "config": flat}
-                path = save_adapter(run_dir / f"peft_{server_round}", comm.decode(arrays), settings.model, run_state)
+                path = save_adapter(run_dir / f"peft_{server_round}", dict(master), settings.model, run_state)
                 log.info("saved global adapter to %s", path)
-    except TooFewReplies as exc:
+    except (TooFewReplies, NodesUnavailable) as exc:
         stopped = str(exc)
         raise
     finally:
@@ -306,8 +396,8 @@ def _write_summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneP
         "resumed_from": str(resume.directory) if resume else None,
         "stopped": stopped,
         "final_train_loss": aggregated[-1]["train_loss"] if aggregated else None,
-        "adapter_parameters": sum(a.numpy().size for a in initial.values()),
-        "comm_dtype": settings.comm.dtype,
+        "adapter_parameters": sum(a.size for a in initial.values()),
+        "comm_format": settings.comm.format,
         "init_bytes": init_bytes,
         "communication_mib": strategy.cumulative_bytes / MIB,
         "failures": sum(r["failures"] for r in rounds),

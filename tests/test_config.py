@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from app.config import PROFILES, ConfigError, env_name, load_settings, parse_overrides, seed_defaults
+from app.config import PROFILES, ConfigError, env_name, load_settings, parse_overrides, seed_defaults, with_explicit_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +45,30 @@ def test_tiny_profile_applies_and_explicit_overrides_win():
     assert s.train.seq_length == PROFILES["tiny"]["train.seq-length"]
 
 
+def test_an_explicit_key_at_exactly_the_seed_value_beats_the_profile():
+    """`fedtune local up --profile tiny --run-config "train.learning-rate-max=5e-5 ..."`: the
+    submitted run config is fused with pyproject's defaults by Flower, so the app sees the seed
+    values; the keys the user chose travel in `explicit-keys`, and the profile leaves them."""
+    from app.deploy.launcher import build_run_config
+
+    submitted = build_run_config("tiny", 2, None, Path("results"), "train.learning-rate-max=5e-5 train.learning-rate-min=1e-6")
+    assert submitted["explicit-keys"] == "num-server-rounds,results.dir,train.learning-rate-max,train.learning-rate-min"
+    fused = {**seed_defaults(), **submitted}  # what the ServerApp and ClientApps receive
+    s = load_settings(fused)
+    assert (s.train.learning_rate_max, s.train.learning_rate_min) == (5e-5, 1e-6)
+    assert s.model.name == "tiny" and s.train.seq_length == PROFILES["tiny"]["train.seq-length"]  # the rest is tiny
+    # Without the marker (plain `flwr run`), seed values are indistinguishable from defaults.
+    assert load_settings({**seed_defaults(), "profile": "tiny", "train.learning-rate-max": 5e-5}).train.learning_rate_max == 0.1
+    assert with_explicit_keys({"profile": "tiny"})["explicit-keys"] == ""
+
+
+def test_environment_override_at_the_seed_value_beats_the_profile(monkeypatch):
+    monkeypatch.setenv(env_name("train.learning-rate-max"), "5e-05")
+    monkeypatch.setenv(env_name("train.learning-rate-min"), "1e-06")
+    s = load_settings({**seed_defaults(), "profile": "tiny"})
+    assert (s.train.learning_rate_max, s.train.learning_rate_min, s.model.name) == (5e-5, 1e-6, "tiny")
+
+
 @pytest.mark.parametrize(
     "overrides, fragment",
     [
@@ -53,7 +77,7 @@ def test_tiny_profile_applies_and_explicit_overrides_win():
         ({"train.seq-length": "long"}, "'train.seq-length': Input should be a valid integer"),
         ({"strategy.fraction-train": 1.5}, "'strategy.fraction-train': Input should be less than or equal to 1"),
         ({"profile": "huge"}, "'profile': 'huge' is not one of"),
-        ({"comm.dtype": "int4"}, "'comm.dtype': Input should be 'float32' or 'bfloat16'"),
+        ({"comm.format": "int4"}, "'comm.format': Input should be 'float32', 'bfloat16', 'int8-block64' or 'int8-block256'"),
         ({"train.learning-rate-min": 1.0}, "train.learning-rate-min (1.0) must be <= train.learning-rate-max"),
     ],
 )
@@ -78,8 +102,8 @@ def test_environment_overrides_run_config(monkeypatch):
 
 
 def test_parse_overrides_reads_toml_scalars():
-    assert parse_overrides('num-server-rounds=3 profile=tiny comm.dtype="bfloat16" trainer.resident=false x=1.5') == {
-        "num-server-rounds": 3, "profile": "tiny", "comm.dtype": "bfloat16", "trainer.resident": False, "x": 1.5,
+    assert parse_overrides('num-server-rounds=3 profile=tiny comm.format="bfloat16" trainer.resident=false x=1.5') == {
+        "num-server-rounds": 3, "profile": "tiny", "comm.format": "bfloat16", "trainer.resident": False, "x": 1.5,
     }
     with pytest.raises(ConfigError, match="expected key=value"):
         parse_overrides("lonely")

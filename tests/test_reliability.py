@@ -38,6 +38,7 @@ class InMemoryGrid:
         self.attempts: dict[int, int] = {}
         self.sent: list[tuple[int, str]] = []  # (round, node name) of every train message
         self.crash_at_round: int | None = None
+        self.replies: dict[str, Message] = {}  # pushed messages' replies, by message id
 
     def get_nodes(self):
         # SuperLink order is arbitrary: the ServerApp must not depend on it.
@@ -46,40 +47,52 @@ class InMemoryGrid:
     def get_node_ids(self):
         return list(self.nodes)
 
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
+    def push_messages(self, messages):
+        """Runs each node's ClientApp at once; its reply waits for `pull_messages`."""
+        ids = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink does on push
-            node = msg.metadata.dst_node_id
-            context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
-                              state=RecordDict(), run_config=self.run_config)
-            if msg.metadata.message_type == "query.init":
-                replies.append(client_app.initial_adapter(msg, context))
-                continue
-            server_round = int(msg.content["config"]["server-round"])
-            if server_round == self.crash_at_round:
-                raise KeyboardInterrupt("ServerApp killed")
-            attempt = self.attempts[server_round] = self.attempts.get(server_round, -1) + (msg is messages[0])
-            self.sent.append((server_round, self.nodes[node]))
-            fault = self.fault(self.nodes[node], server_round, attempt)
-            if fault == "drop":
-                continue
-            if fault == "lost":
-                replies.append(create_message_error_unavailable_res_message(msg.metadata, "node_unavail"))
-            elif fault == "error":
-                replies.append(Message(Error(code=2, reason="ClientApp raised"), reply_to=msg))
-            else:
-                replies.append(self.client(msg, context))
-        return replies
+            ids.append(msg.object_id)
+            if (reply := self._reply(msg, first=msg is messages[0])) is not None:
+                self.replies[msg.object_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def _reply(self, msg: Message, first: bool) -> Message | None:
+        node = msg.metadata.dst_node_id
+        context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
+                          state=RecordDict(), run_config=self.run_config)
+        if msg.metadata.message_type == "query.init":
+            return client_app.initial_adapter(msg, context)
+        server_round = int(msg.content["config"]["server-round"])
+        if server_round == self.crash_at_round:
+            raise KeyboardInterrupt("ServerApp killed")
+        attempt = self.attempts[server_round] = self.attempts.get(server_round, -1) + first
+        self.sent.append((server_round, self.nodes[node]))
+        fault = self.fault(self.nodes[node], server_round, attempt)
+        if fault == "drop":
+            return None
+        if fault == "lost":
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        if fault == "error":
+            return Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)
+        return self.client(msg, context)
 
 
 def fake_client(msg: Message, context: Context) -> Message:
-    """A reply without training: the global adapter plus the partition id, 10 * (p + 1) examples."""
+    """A reply without training: an update of the partition id everywhere, 10 * (p + 1) examples."""
     p = int(context.node_config["partition-id"])
-    state = {k: v + p for k, v in comm.decode(msg.content["arrays"]).items()}
+    update = {k: np.full_like(v, p) for k, v in comm.decode(msg.content["arrays"], msg.content["wire"]).items()}
     metrics = {"partition-id": float(p), "train-loss": 1.0 + p, "proximal-term": 0.0, "num-examples": 10.0 * (p + 1),
                "train-seconds": 0.0, "clientapp-seconds": 0.0, "model-load-seconds": 0.0, "resident": 0.0}
-    return Message(RecordDict({"arrays": comm.encode(state, "bfloat16"), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return reply_with(msg, update, metrics, client_app.load_settings(dict(context.run_config)).comm.format)
+
+
+def reply_with(msg: Message, update: dict, metrics: dict, fmt: str) -> Message:
+    arrays, wire = comm.encode(update, fmt, comm.UPDATE)
+    return Message(RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +106,8 @@ def fast_init(monkeypatch):
     state = {"base_model.model.layer.lora_A.weight": np.zeros((2, 4), np.float32), "base_model.model.layer.lora_B.weight": np.ones((4, 2), np.float32)}
 
     def initial_adapter(msg, context):
-        return Message(RecordDict({"arrays": comm.encode(state, "float32")}), reply_to=msg)
+        arrays, wire = comm.encode(state, "float32", comm.WEIGHTS)
+        return Message(RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
 
     monkeypatch.setattr(client_app, "initial_adapter", initial_adapter)
     return state
@@ -174,14 +188,16 @@ def test_lost_replies_aggregate_the_others_and_count_only_moved_bytes(tmp_path, 
     faults = {"supernode-1": "drop", "supernode-2": "lost"}
     run = run_main(InMemoryGrid(NAMES, config, fake_client, lambda name, r, a: faults.get(name)), run_id=21)
     [record] = _metrics(run)
-    per_transfer = comm.record_bytes(comm.encode(fast_init, "bfloat16"))
+    fmt = client_app.load_settings(config).comm.format
+    down = comm.transfer_bytes(comm.shapes_of(fast_init), comm.download_format(fmt))
+    up = comm.transfer_bytes(comm.shapes_of(fast_init), fmt)
     assert record["status"] == "aggregated" and record["failures"] == 2
     assert sorted(f["node"] for f in record["failed"]) == ["supernode-1", "supernode-2"]
     assert "round-timeout" in str(record["failed"]) and "Node Unavailable" in str(record["failed"])
     assert sorted(c["partition_id"] for c in record["clients"]) == [0, 3]
-    assert record["bytes_down"] == record["bytes_up"] == 2 * per_transfer
-    assert record["bytes_down_unconfirmed"] == 2 * per_transfer
-    assert record["cumulative_mib"] * 2**20 == record["bytes_round"] == 4 * per_transfer
+    assert record["bytes_down"] == 2 * down and record["bytes_up"] == 2 * up
+    assert record["bytes_down_unconfirmed"] == 2 * down
+    assert record["cumulative_mib"] * 2**20 == record["bytes_round"] == 2 * (down + up)
     # Weights over the replies that arrived only: partitions 0 and 3 with 10 and 40 examples.
     final = load_adapter_tensors(run / "peft_1")
     key = next(iter(fast_init))

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
-from app.config import ConfigError, load_settings, parse_overrides
+from app.config import ConfigError, load_settings, parse_overrides, with_explicit_keys
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
@@ -244,7 +244,7 @@ def build_run_config(profile: str, rounds: int | None, data: str | None, results
     if data:
         config["dataset.path"] = str(Path(data).resolve())
     config.update(parse_overrides(extra))
-    return config
+    return with_explicit_keys(config)
 
 
 def local_up(args) -> int:
