@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
@@ -324,3 +324,76 @@ def test_local_up_refuses_a_mismatched_checkpoint_before_starting(tmp_path, chec
     assert local_up(args) == 2
     assert "model.lora.peft-lora-r: checkpoint 8, this run 4" in capsys.readouterr().err
     assert not results.exists()  # nothing started, nothing written
+
+
+def _bad_reply(kind: str):
+    """A stand-in client whose reply from supernode-1 is bad in one way; the others are fine."""
+
+    def client(msg: Message, context: Context) -> Message:
+        if context.node_config["partition-id"] != 1:
+            return fake_client(msg, context)
+        good = fake_client(msg, context)
+        fmt = client_app.load_settings(dict(context.run_config)).comm.format
+        update = comm.decode(good.content["arrays"], good.content["wire"])
+        metrics = dict(good.content["metrics"])
+        key = next(iter(update))
+        if kind == "broadcast-shape":
+            update[key] = np.ones((1,), np.float32)
+        elif kind == "nan-update":
+            update[key] = np.full_like(update[key], np.nan)
+        elif kind == "missing-tensor":
+            del update[key]
+        elif kind == "wrong-format":
+            fmt = "float32"
+        elif kind == "oversized":
+            arrays, wire = comm.encode(update, fmt, comm.UPDATE)
+            data = arrays[comm.PACKED_KEY].data + b"\x00" * 4096
+            arrays = ArrayRecord({comm.PACKED_KEY: Array(dtype="uint8", shape=(len(data),), stype=comm.RAW_STYPE, data=data)})
+            return Message(RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
+        elif kind == "no-metrics":
+            arrays, wire = comm.encode(update, fmt, comm.UPDATE)
+            return Message(RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
+        else:  # a metric: name=value
+            name, value = kind.split("=")
+            metrics[name] = float(value)
+        return reply_with(msg, update, metrics, fmt)
+
+    return client
+
+
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("broadcast-shape", "shape [1]"),
+        ("nan-update", "non-finite values"),
+        ("missing-tensor", "tensors differ: missing"),
+        ("wrong-format", "format 'float32', expected"),
+        ("oversized", "expected uint8/raw.le of"),
+        ("no-metrics", "reply lacks ['metrics']"),
+        ("num-examples=nan", "metric 'num-examples' is not a finite number"),
+        ("num-examples=1e30", "num-examples 1000000000000000019884624838656 exceeds the bound 600"),
+        ("num-examples=2.5", "num-examples 2.5 is not a positive integer"),
+        ("num-examples=-20", "is not a positive integer"),
+        ("train-loss=inf", "metric 'train-loss' is not a finite number"),
+    ],
+)
+def test_a_bad_reply_is_a_failed_node_never_an_aggregate(tmp_path, fast_init, kind, reason):
+    config = _config(tmp_path, **{"num-server-rounds": 2, "strategy.fraction-train": 1.0})
+    run = run_main(InMemoryGrid(NAMES, config, _bad_reply(kind)), run_id=91)
+    records = _metrics(run)
+    assert [r["status"] for r in records] == ["aggregated", "aggregated"]  # the run goes on with the others
+    for record in records:
+        [failure] = record["failed"]
+        assert failure["node"] == "supernode-1" and "refused" in failure["reason"] and reason in failure["reason"], failure
+        assert sorted(c["partition_id"] for c in record["clients"]) == [0, 2, 3]
+    # Two rounds of updates 0, 2 and 3 weighted by 10, 30 and 40 examples: nothing of node 1.
+    final = load_adapter_tensors(run / "peft_2")
+    for key, start in fast_init.items():
+        assert np.isfinite(final[key]).all() and np.allclose(final[key], start + 2 * (0 * 10 + 2 * 30 + 3 * 40) / 80)
+
+
+def test_num_examples_bound_is_configurable(tmp_path, fast_init):
+    config = _config(tmp_path, **{"num-server-rounds": 1, "strategy.fraction-train": 1.0, "strategy.max-num-examples": 25})
+    [record] = _metrics(run_main(InMemoryGrid(NAMES, config, fake_client), run_id=92))
+    assert sorted(c["partition_id"] for c in record["clients"]) == [0, 1]  # 30 and 40 examples exceed 25
+    assert all("exceeds the bound 25 (strategy.max-num-examples)" in f["reason"] for f in record["failed"])
