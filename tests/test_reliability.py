@@ -397,3 +397,39 @@ def test_num_examples_bound_is_configurable(tmp_path, fast_init):
     [record] = _metrics(run_main(InMemoryGrid(NAMES, config, fake_client), run_id=92))
     assert sorted(c["partition_id"] for c in record["clients"]) == [0, 1]  # 30 and 40 examples exceed 25
     assert all("exceeds the bound 25 (strategy.max-num-examples)" in f["reason"] for f in record["failed"])
+
+
+def _kind(name: str) -> str:
+    return next(k for k in ("lora_magnitude_vector", "lora_A", "lora_B") if k in name)
+
+
+def round_update_error(tmp_path: Path, real_training, fmt: str, reference: str = "float32") -> dict[str, float]:
+    """Relative L2 error, per tensor kind, of the round-2 update (peft_2 - peft_1) of a run in
+    `fmt` against the same run in `reference`, at the seed recipe's learning rates exactly."""
+    from app.config import with_explicit_keys
+
+    updates = {}
+    for run_id, wire in enumerate((reference, fmt), start=101):
+        config = with_explicit_keys(_config(tmp_path / wire, **{
+            "num-server-rounds": 2, "dataset.num-partitions": 3, "strategy.fraction-train": 1.0,
+            "train.learning-rate-max": 5e-5, "train.learning-rate-min": 1e-6, "comm.format": wire,
+        }))
+        run = run_main(InMemoryGrid(NAMES[:3], config, real_training), run_id=run_id)
+        assert client_app.load_settings(config).train.learning_rate_max == 5e-5  # not the profile's 0.1
+        peft1, peft2 = load_adapter_tensors(run / "peft_1"), load_adapter_tensors(run / "peft_2")
+        updates[wire] = {k: peft2[k] - peft1[k] for k in peft1}
+    errors: dict[str, list[float]] = {}
+    for key, exact in updates[reference].items():
+        errors.setdefault(_kind(key), []).append(
+            float(np.linalg.norm(updates[fmt][key] - exact)) * float(np.linalg.norm(exact)) ** -1 if np.any(exact) else 0.0
+        )
+    return {kind: float(np.sqrt(np.mean(np.square(v)))) for kind, v in errors.items()}
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8-block64"])
+def test_narrow_wire_keeps_the_round_update_at_the_seed_learning_rates(tmp_path, real_training, fmt):
+    """Issue 12's check: weights rounded to bfloat16 both ways erased the DoRA magnitude's
+    update entirely (100 % error) and lora_A's almost (99.5 %); updates on the wire keep all."""
+    errors = round_update_error(tmp_path, real_training, fmt)
+    assert set(errors) == {"lora_magnitude_vector", "lora_A", "lora_B"}
+    assert all(error < 0.10 for error in errors.values()), errors
