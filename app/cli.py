@@ -17,6 +17,7 @@ COMMANDS = {
     "eval": "app.evaluation.cli",
     "stack": "app.deploy.stack",
     "report": "app.run_report",
+    "eval-run": "app.run_eval",
 }
 
 
