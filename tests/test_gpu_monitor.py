@@ -57,3 +57,18 @@ def test_a_gpu_outside_the_visible_set_is_not_sampled(monkeypatch):
     with GpuMonitor(interval=0.01) as monitor:
         pass
     assert monitor.metrics() == {} and monitor.status == "no GPU (none visible)"
+
+
+def test_a_round_reports_its_training_window_and_gpu_use_when_there_is_a_gpu(monkeypatch):
+    import torch
+
+    from app.worker import NodeData, RoundWorker, TrainRequest
+
+    run_config = {"profile": "tiny", "dataset.num-partitions": 20}
+    worker = RoundWorker()
+    before = time.time()
+    _, metrics = worker.train(TrainRequest(run_config, NodeData(3, 20), 1, 0.05, 0.01), worker.initial_adapter(run_config))
+    assert before <= metrics["t-train-start"] < metrics["t-train-end"] <= time.time()
+    assert metrics["t-train-end"] - metrics["t-train-start"] <= metrics["client-round-seconds"]
+    gpu_keys = {"gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples"}
+    assert (gpu_keys <= set(metrics)) if torch.cuda.is_available() else not (gpu_keys & set(metrics))
