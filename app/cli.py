@@ -16,6 +16,8 @@ COMMANDS = {
     "certs": "app.deploy.certs",
     "eval": "app.evaluation.cli",
     "stack": "app.deploy.stack",
+    "report": "app.run_report",
+    "eval-run": "app.run_eval",
 }
 
 

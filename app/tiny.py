@@ -43,6 +43,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
 
 
+def synthetic_facts(seed: int = TINY_SEED) -> dict[tuple[str, str], str]:
+    """The ontology's answers, as synthetic_flashcards draws them (same generator, first draws)."""
+    rng = random.Random(seed)
+    return {(c, a): rng.choice(values) for c in _CONDITIONS for a, values in _ATTRIBUTES.items()}
+
+
 def synthetic_flashcards(n: int = NUM_FLASHCARDS, seed: int = TINY_SEED) -> list[dict[str, str]]:
     """Rows with medalpaca/medical_meadow_medical_flashcards' columns: instruction, input, output."""
     rng = random.Random(seed)
@@ -128,3 +134,53 @@ def _build_tiny_model(directory: Path) -> None:
     torch.manual_seed(TINY_SEED)
     model = LlamaForCausalLM(config)
     model.save_pretrained(directory, safe_serialization=True)
+
+
+NUM_EVAL_QUESTIONS = 12
+
+
+def synthetic_eval_rows(n: int = NUM_EVAL_QUESTIONS, seed: int = TINY_SEED) -> dict[str, list[dict]]:
+    """Questions about the tiny ontology in each benchmark's source schema (docs/evaluation.md):
+    what the tiny profile is evaluated on, so a CPU run ends with all four accuracies."""
+    rng = random.Random(seed + 1)
+    facts = synthetic_facts(seed)
+    keys = sorted(facts)
+    rows: dict[str, list[dict]] = {"pubmedqa": [], "medmcqa": [], "medqa": [], "careqa": []}
+    for i in range(n):
+        condition, attribute = rng.choice(keys)
+        true = facts[condition, attribute]
+        wrong = [v for v in _ATTRIBUTES[attribute] if v != true]
+        claimed = true if i % 2 == 0 else rng.choice(wrong)
+        rows["pubmedqa"].append({
+            "QUESTION": f"Is the {attribute} of {condition} {claimed}?",
+            "CONTEXTS": [f"The {attribute} of {condition} is {true}."],
+            "final_decision": "yes" if claimed == true else "no",
+        })
+        choices = [true, *rng.sample(wrong, 3)]  # every attribute has at least four wrong values
+        rng.shuffle(choices)
+        question = f"What is the {attribute} of {condition}?"
+        gold = choices.index(true)
+        rows["medmcqa"].append({"question": question, **dict(zip(("opa", "opb", "opc", "opd"), choices)), "cop": gold})
+        rows["medqa"].append({"question": question, "answer": true,
+                              "options": [{"key": "ABCD"[k], "value": v} for k, v in enumerate(choices)]})
+        rows["careqa"].append({"question": question, **dict(zip(("op1", "op2", "op3", "op4"), choices)), "cop": gold + 1})
+    return rows
+
+
+def tiny_eval_dir() -> Path:
+    """`<dataset>.jsonl` for the four benchmarks, for `fedtune eval --data-dir` (created once)."""
+    path = cache_root() / f"tiny-eval-{TINY_VERSION}"
+    if path.is_dir():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=".tiny-eval-"))
+    try:
+        for name, rows in synthetic_eval_rows().items():
+            (staging / f"{name}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        staging.rename(path)
+    except OSError:
+        if not path.is_dir():  # lost a race with another process: fine
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from app.config import Settings, load_settings
+from app.gpu_monitor import GpuMonitor
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,10 @@ class RoundWorker:
             pad_token_id=self._tokenizer.pad_token_id,
         )
         self._pristine = False
-        result = train_round(model, batches, args=args, lr=request.lr, proximal_mu=request.proximal_mu)
+        train_start = time.time()  # epoch seconds, node clock: the report aligns them with the server's
+        with GpuMonitor() as gpu:
+            result = train_round(model, batches, args=args, lr=request.lr, proximal_mu=request.proximal_mu)
+        train_end = time.time()
         metrics = {
             "train-loss": result.train_loss,
             "proximal-term": result.proximal,
@@ -132,6 +136,9 @@ class RoundWorker:
             "model-load-seconds": self.model_load_seconds,
             "tokens": float(result.tokens),
             "steady-step-seconds": _steady(result.step_seconds),
+            "t-train-start": train_start,
+            "t-train-end": train_end,
+            **gpu.metrics(),
         }
         if torch.cuda.is_available():
             metrics["peak-gpu-bytes"] = float(torch.cuda.max_memory_allocated())

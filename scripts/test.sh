@@ -18,5 +18,11 @@ fi
 if command -v docker >/dev/null && docker info >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
   docker/install-compose.sh
 fi
+# The report's browser test needs Chromium (Debian's package); installed quietly when missing.
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  as_root=""; [ "$(id -u)" -eq 0 ] || as_root="sudo -n"
+  { $as_root apt-get update -qq && DEBIAN_FRONTEND=noninteractive $as_root apt-get install -y -qq --no-install-recommends chromium; } >/dev/null \
+    || echo "scripts/test.sh: could not install chromium; the report's browser test will fail" >&2
+fi
 export FLWR_TELEMETRY_ENABLED=0 PATH="$PWD/.venv/bin:$PATH"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests

@@ -76,6 +76,17 @@ def test_outputs_and_budget(finished_run):
     assert (run / "training.png").stat().st_size > 10_000
 
 
+def test_run_ends_with_the_evaluation_and_the_report(finished_run):
+    _, output, _, [run] = finished_run
+    evaluation = json.loads((run / "eval" / "summary.json").read_text())
+    assert set(evaluation["accuracies"]) == {"pubmedqa", "medmcqa", "medqa", "careqa"}
+    assert evaluation["peft_path"] == str(run / f"peft_{ROUNDS}") and evaluation["random_weights"] is True
+    assert f"accuracy: pubmedqa {evaluation['accuracies']['pubmedqa']:.4f}" in output
+    this_run = next(line for line in (run / "report.md").read_text().splitlines() if line.startswith("| this run"))
+    assert "tiny model, random weights" in this_run and "n/a" not in this_run
+    assert 'data-chart="loss"' in (run / "report.html").read_text()
+
+
 def test_training_loss_goes_down(finished_run):
     _, _, _, [run] = finished_run
     losses = [json.loads(line)["train_loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -60,6 +60,32 @@ def test_generator_nodes_gpus_and_flags():
     assert set(spec["volumes"]) == {"certs", "model-cache", "superlink-state"}
 
 
+def test_evaluate_and_report_follow_a_successful_run_and_end_the_stack():
+    spec = compose_spec(StackSpec(nodes=5, gpus=3, eval_limit=100))
+    services = spec["services"]
+    assert list(services)[-3:] == ["run", "evaluate", "report"]
+    # `run` waits for the model download before its wait for the SuperNodes starts
+    assert services["run"]["depends_on"]["model-cache"] == {"condition": "service_completed_successfully"}
+    evaluate, report = services["evaluate"], services["report"]
+    assert evaluate["depends_on"] == {"run": {"condition": "service_completed_successfully"}}
+    assert report["depends_on"] == {"evaluate": {"condition": "service_completed_successfully"}}
+    command = evaluate["command"]
+    assert command[:4] == ["fedtune", "eval-run", "--latest", "/results"]
+    assert command[command.index("--gpus") + 1] == "0,1,2" and command[command.index("--limit") + 1] == "100"
+    assert command[command.index("--data-dir") + 1] == "/cache/fedtune/eval" and "--exact" not in command
+    assert evaluate["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0", "1", "2"]
+    assert "model-cache:/cache:ro" in evaluate["volumes"] and evaluate["network_mode"] == "none"
+    assert report["command"] == ["fedtune", "report", "--latest", "/results"]
+    # only the last one is attached: `up --exit-code-from report` ends when the table exists
+    assert [name for name, s in services.items() if s.get("attach", True)] == ["report"]
+    assert render_compose(StackSpec()).splitlines()[1] == "# Start: docker compose up --exit-code-from report"
+    assert "--exact" in compose_spec(StackSpec(eval_exact=True))["services"]["evaluate"]["command"]
+    smoke = compose_spec(smoke_spec(nodes=3))["services"]["evaluate"]
+    assert smoke["command"] == ["fedtune", "eval-run", "--latest", "/results"] and "deploy" not in smoke  # tiny: its own files
+    coordinator = compose_spec(StackSpec(role="superlink"))["services"]
+    assert "evaluate" not in coordinator and [n for n, s in coordinator.items() if s.get("attach", True)] == ["run"]
+
+
 def test_generator_no_gpu_smoke_variant():
     spec = compose_spec(smoke_spec(nodes=3, rounds=2))
     assert not any("deploy" in s for s in spec["services"].values())
@@ -104,6 +130,7 @@ def test_docker_compose_config_accepts_committed_files(name, tmp_path):
         else:
             assert "deploy" not in node
     assert config["services"]["serverapp"]["volumes"][1]["source"] == str(REPO / "results")
+    assert config["services"]["report"]["depends_on"]["evaluate"]["condition"] == "service_completed_successfully"
 
 
 def _compose_config(name: str, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -134,3 +161,16 @@ def test_split_files_are_accepted_and_a_site_needs_its_address_and_partition(tmp
 
     missing = _compose_config("compose.site.yaml", tmp_path, FEDTUNE_SUPERLINK_ADDRESS="superlink.example.org:9093")
     assert missing.returncode != 0 and "FEDTUNE_PARTITION_ID" in missing.stderr
+
+
+def test_a_download_in_progress_shows_in_the_logs(tmp_path, capsys):
+    import time
+
+    from app.deploy.stack import download_progress
+
+    with download_progress(tmp_path, "model x", every=0.05):
+        for i in range(4):
+            (tmp_path / f"blob-{i}.incomplete").write_bytes(b"\0" * 2**20)
+            time.sleep(0.08)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model x: ")]
+    assert len(lines) >= 2 and lines[-1].startswith("model x: 4 MiB downloaded"), lines  # progress, then the total

@@ -146,6 +146,14 @@ def test_smoke_stack_runs_two_rounds_with_twenty_supernodes(images, tmp_path):
     model = PeftModel.from_pretrained(load_base_model("tiny", quantization=0), str(adapter))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
 
+    # the evaluate and report services: the tiny model's four accuracies, labelled as such
+    evaluation = json.loads((run_dir / "eval" / "summary.json").read_text())
+    assert set(evaluation["accuracies"]) == {"pubmedqa", "medmcqa", "medqa", "careqa"}
+    assert evaluation["peft_path"].endswith("peft_2") and evaluation["random_weights"] is True
+    this_run = next(line for line in (run_dir / "report.md").read_text().splitlines() if line.startswith("| this run"))
+    assert "tiny model, random weights" in this_run and "n/a" not in this_run
+    assert 'data-chart="loss"' in (run_dir / "report.html").read_text()
+
     assert result.leftovers == {"containers": [], "networks": [], "volumes": []}
     assert not CLIENT.volumes.list(filters={"dangling": True, "label": "com.docker.compose.project=fedtune-test-smoke"})
 

@@ -62,6 +62,8 @@ class StackSpec:
     name: str = "fedtune"
     publish: str = f"${{FEDTUNE_SUPERLINK_PUBLISH:-{PORT}}}:{PORT}"  # host side of the SuperLink port
     role: str = "all"
+    eval_exact: bool = False  # the evaluate service: the reference loop instead of the fast path
+    eval_limit: int | None = None  # the evaluate service: first N questions of each benchmark
 
     def command_line(self) -> str:
         parts = ["fedtune stack compose"]
@@ -78,6 +80,10 @@ class StackSpec:
             parts.append(f"--name {self.name}")
         if self.publish != StackSpec.publish:
             parts.append(f"--publish '{self.publish}'")
+        if self.eval_exact:
+            parts.append("--eval-exact")
+        if self.eval_limit is not None:
+            parts.append(f"--eval-limit {self.eval_limit}")
         return " ".join(parts)
 
 
@@ -91,6 +97,11 @@ def dataset_file(name: str, cache: str = f"{CACHE}/fedtune") -> str:
     """Where `fedtune stack cache` exports a hub dataset's train split for the SuperNodes
     (`cache` is FEDTUNE_CACHE, /cache/fedtune in the images)."""
     return f"{cache}/datasets/{name.replace('/', '__')}.jsonl"
+
+
+def eval_data_dir(cache: str = f"{CACHE}/fedtune") -> str:
+    """Where `fedtune stack cache` exports the four benchmarks (source schema, one jsonl each)."""
+    return f"{cache}/eval"
 
 
 def _run_config(spec: StackSpec) -> str:
@@ -233,9 +244,7 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
         "restart": "on-failure",
     }
     if gpu is not None:
-        node["deploy"] = {"resources": {"reservations": {"devices": [
-            {"driver": "nvidia", "device_ids": [gpu], "capabilities": ["gpu"]},
-        ]}}}
+        node["deploy"] = _gpu_devices([gpu])
     return node
 
 
@@ -248,11 +257,57 @@ def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
         command += ["--rounds", str(spec.rounds)]
     if run_config := _run_config(spec):
         command += ["--run-config", run_config]
+    # On one host `run` waits for the model cache too: a first download (16 GB for the seed
+    # model) must not count against its wait for the SuperNodes, which start only after it.
+    cache = {"model-cache": DONE} if spec.role == "all" else {}
     return {
         "image": APP,
         "command": command,
-        "depends_on": {"register": DONE, "serverapp": {"condition": "service_started"}},
+        "depends_on": {**cache, "register": DONE, "serverapp": {"condition": "service_started"}},
         "volumes": [_certs_mount(spec), RESULTS_MOUNT],
+    }
+
+
+def _gpu_devices(device_ids: list[str]) -> dict[str, Any]:
+    return {"resources": {"reservations": {"devices": [
+        {"driver": "nvidia", "device_ids": device_ids, "capabilities": ["gpu"]},
+    ]}}}
+
+
+def _evaluate_service(spec: StackSpec) -> dict[str, Any]:
+    """One-shot after a successful run: its final adapter on the four benchmarks (spread over the
+    GPUs), then the report. Benchmarks come from the model cache; the tiny profile uses its own."""
+    from app.config import load_settings, parse_overrides
+
+    settings = load_settings({"profile": spec.profile, **parse_overrides(spec.run_config)})
+    command = ["fedtune", "eval-run", "--latest", RESULTS]
+    if settings.model.name != "tiny":
+        command += ["--data-dir", eval_data_dir()]
+    if not spec.no_gpu:
+        command += ["--gpus", ",".join(str(g) for g in range(spec.gpus))]
+    command += ["--exact"] if spec.eval_exact else []
+    command += ["--limit", str(spec.eval_limit)] if spec.eval_limit is not None else []
+    service: dict[str, Any] = {
+        "image": APP,
+        "command": command,
+        "depends_on": {"run": DONE},
+        "environment": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        "volumes": [f"model-cache:{CACHE}:ro", RESULTS_MOUNT],
+        "network_mode": "none",
+    }
+    if not spec.no_gpu:
+        service["deploy"] = _gpu_devices([str(g) for g in range(spec.gpus)])
+    return service
+
+
+def _report_service(spec: StackSpec) -> dict[str, Any]:
+    """One-shot, last: prints the run's table; `docker compose up --exit-code-from report` ends here."""
+    return {
+        "image": APP,
+        "command": ["fedtune", "report", "--latest", RESULTS],
+        "depends_on": {"evaluate": DONE},
+        "volumes": [RESULTS_MOUNT],
+        "network_mode": "none",
     }
 
 
@@ -291,13 +346,22 @@ def compose_spec(spec: StackSpec) -> dict[str, Any]:
             None if spec.no_gpu else "${FEDTUNE_GPU:-0}")
     if spec.role in ("all", "superlink"):
         services["run"] = _run_service(spec, paths)
+        if spec.role == "all":  # the coordinating site alone has no model to evaluate with
+            services["evaluate"] = _evaluate_service(spec)
+            services["report"] = _report_service(spec)
+        last = list(services)[-1]
         for name, service in services.items():
-            if name != "run":
-                # Only `run` is attached: `docker compose up --exit-code-from run` then ends when the
-                # run does, not when a one-shot service completes or a SuperNode restarts (attached
-                # containers' exits abort the whole stack). Their logs: `docker compose logs SERVICE`.
+            if name != last:
+                # Only the last service is attached: `docker compose up --exit-code-from <last>` then
+                # ends when it does, not when a one-shot service completes or a SuperNode restarts
+                # (attached containers' exits abort the whole stack). Their logs: `docker compose logs SERVICE`.
                 service["attach"] = False
     return {"name": spec.name, "services": services, "volumes": volumes}
+
+
+def last_service(spec: StackSpec) -> str:
+    """The service `docker compose up --exit-code-from` follows: the one that ends the stack's work."""
+    return list(compose_spec(spec)["services"])[-1]
 
 
 def _dumper():
@@ -332,6 +396,7 @@ def render_compose(spec: StackSpec) -> str:
 
     header = (
         f"# Generated by `{spec.command_line()}` (app/deploy/compose.py).\n"
+        f"# Start: docker compose up --exit-code-from {last_service(spec)}\n"
         "# Do not edit: change the generator and regenerate; tests/test_stack.py checks the two agree.\n"
         f"# Settings (.env, see {ENV_EXAMPLE[spec.role]}): {ENV_HELP[spec.role]}\n"
     )

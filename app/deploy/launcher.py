@@ -24,6 +24,7 @@ from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ConfigError, load_settings, parse_overrides, with_explicit_keys
+from app.run_eval import add_eval_options
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
@@ -293,7 +294,7 @@ def local_up(args) -> int:
     # the SuperExec holds the ServerApp: if it dies the run is lost (resume-from continues it).
     essential = ("superexec",)
     _raise_on_sigterm()
-    status = "not started"
+    status, run_dir = "not started", None
     try:
         federation.start(
             "superlink",
@@ -330,7 +331,11 @@ def local_up(args) -> int:
         status = "interrupted"
     finally:
         federation.stop()
-    return 0 if status == "finished:completed" else 1
+    if status == "finished:completed":  # the federation is down: its GPUs are free for the evaluation
+        from app.run_eval import finish_run
+
+        return finish_run(run_dir, args, gpus)
+    return 1
 
 
 _INSECURE: dict[str, Any] = {
@@ -406,6 +411,8 @@ def register(subparsers) -> None:
     up.add_argument("--gpus", default="", help="comma-separated GPU ids; node i uses GPU i mod G")
     up.add_argument("--data", help="local dataset file (json, jsonl or parquet) to partition")
     up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning); both are on by default")
+    up.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapter (the report is still written)")
+    add_eval_options(up, prefix="eval-")
     up.set_defaults(func=local_up)
 
     run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")

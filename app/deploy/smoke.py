@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.deploy.compose import DEFAULT_NODES, REPO, UID, app_image, render_compose, smoke_spec
+from app.deploy.compose import DEFAULT_NODES, REPO, UID, app_image, compose_spec, render_compose, smoke_spec
 
 
 SUPERNODE_RESTARTS = 15  # Docker's back-off (0.1 s doubling) spans about a minute by then
+AFTER_RUN = ("evaluate", "report")  # one-shot services that start once `run` succeeded, in order
 
 
 class StackError(RuntimeError):
@@ -108,6 +109,20 @@ class Stack:
             elif state.get("Restarting") or restarts > 0:
                 bad.append((service, f"restarted {restarts} time(s)"))
         return sorted(bad)
+
+    def wait_exit(self, service: str, deadline: float) -> None:
+        """Until `service`'s container exits; StackError if it fails or the deadline passes."""
+        while True:
+            container = self.container(service)
+            if container is not None:
+                container.reload()
+                if container.status == "exited":
+                    if (code := container.attrs["State"]["ExitCode"]) != 0:
+                        raise StackError(f"{service} exited with code {code}\n" + self.failure_report([(service, f"exit {code}")]))
+                    return
+            if time.monotonic() > deadline:
+                raise StackError(f"timed out waiting for {service}\n" + self.failure_report(self.failed_services()))
+            time.sleep(1)
 
     def restarts(self, role: str) -> dict[str, int]:
         return {c.labels["com.docker.compose.service"]: c.attrs.get("RestartCount", 0) for c in self.containers_by_role(role)}
@@ -221,6 +236,7 @@ def smoke(
     failing service's logs if anything fails; the stack is torn down either way unless `keep`.
     """
     spec = smoke_spec(nodes, rounds, project)
+    services = list(compose_spec(spec)["services"])
     work = Path(tempfile.mkdtemp(prefix="fedtune-stack-"))
     compose_file = work / "compose.smoke.yaml"
     compose_file.write_text(render_compose(spec))
@@ -234,7 +250,9 @@ def smoke(
     try:
         if build:
             stack.compose("build")
-        stack.compose("up", "--detach", "--quiet-pull", timeout=timeout)
+        # Everything up to `run` first: `up --detach` would wait for `run` to finish before it
+        # returns if it also had to start the services after it (evaluate, report).
+        stack.compose("up", "--detach", "--quiet-pull", *(s for s in services if s not in AFTER_RUN), timeout=timeout)
         deadline = started + timeout
         seen = ""
         while True:
@@ -259,6 +277,10 @@ def smoke(
         code = run.attrs["State"]["ExitCode"]
         if code != 0:
             raise StackError(f"the run service exited with code {code}\n" + stack.failure_report(stack.failed_services()))
+        for service in AFTER_RUN:  # what depends_on does in `docker compose up`, one step at a time
+            stack.compose("up", "--detach", "--no-deps", service, timeout=max(deadline - time.monotonic(), 1))
+            stack.wait_exit(service, deadline)
+            print(f"{service} | " + stack.logs(service, tail=40).rstrip().replace("\n", f"\n{service} | "), file=out, flush=True)
         users = {
             c.labels["com.docker.compose.service"]: {row[0] for row in c.top(ps_args="-o uid,pid,comm")["Processes"]}
             for c in stack.containers() if c.status == "running"

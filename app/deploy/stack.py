@@ -9,14 +9,16 @@ The services (docs/docker.md):
 
     certs        one-shot: CA, SuperLink certificate, SuperExec secret, one key pair per SuperNode,
                  created in the `certs` volume when missing (`fedtune stack certs`, app.deploy.certs)
-    model-cache  one-shot: the profile's base model and data into the `model-cache` volume, once;
-                 every SuperNode mounts it read-only (`fedtune stack cache`)
+    model-cache  one-shot: the profile's base model, data and the four benchmarks into the
+                 `model-cache` volume, once; every SuperNode mounts it read-only (`fedtune stack cache`)
     superlink    flower-superlink, TLS + SuperNode authentication, state in the `superlink-state`
                  volume, healthcheck; publishes its one port (Fleet, Control and Runtime API)
     register     one-shot: registers each SuperNode's public key over the Control API
     serverapp    flower-superexec running the ServerApp (FedProx) for the SuperLink; CPU only
     supernode-i  `fedtune supernode -- flower-supernode ...`, partition i of N, GPU i mod G
     run          one-shot: `fedtune run` submits the run, follows it and exits with its status
+    evaluate     one-shot after `run` succeeded: `fedtune eval-run`, the final adapter on the benchmarks
+    report       one-shot, last: `fedtune report`, prints the table (`--exit-code-from report`)
 
 The commands those services run inside the containers (`certs`, `register`, `cache`) live here.
 """
@@ -32,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from app.deploy.compose import CACHE, CERTS, DEFAULT_GPUS, DEFAULT_NODES, ROLES, SUPERLINK, StackSpec, dataset_file, render_compose
+from app.deploy.compose import (CACHE, CERTS, DEFAULT_GPUS, DEFAULT_NODES, ROLES, SUPERLINK, StackSpec, dataset_file,
+                                eval_data_dir, render_compose)
 from app.deploy.smoke import StackError
 
 FEDERATION = "fedtune"
@@ -132,17 +135,29 @@ def cmd_cache(args) -> int:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
     if settings.model.name == "tiny" or settings.dataset.name == "tiny":
-        from app.tiny import tiny_dataset_path, tiny_model_dir
+        from app.tiny import tiny_dataset_path, tiny_eval_dir, tiny_model_dir
 
-        print(f"tiny model: {tiny_model_dir()}\ntiny data: {tiny_dataset_path()}", flush=True)
+        print(f"tiny model: {tiny_model_dir()}\ntiny data: {tiny_dataset_path()}\ntiny benchmarks: {tiny_eval_dir()}", flush=True)
     if settings.model.name != "tiny" and not Path(settings.model.name).exists():
         from huggingface_hub import snapshot_download
 
-        path = snapshot_download(
-            settings.model.name,
-            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
-        )
+        hub_cache = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+        with download_progress(hub_cache, f"model {settings.model.name}"):
+            path = snapshot_download(
+                settings.model.name,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
+            )
         print(f"model {settings.model.name}: {path}", flush=True)
+    if settings.model.name != "tiny":
+        from app.evaluation.benchmarks import EvalDataError, export_benchmarks
+
+        target = Path(eval_data_dir(os.environ.get("FEDTUNE_CACHE", f"{CACHE}/fedtune")))
+        try:
+            for name, path in export_benchmarks(target).items():
+                print(f"benchmark {name}: {path}", flush=True)
+        except EvalDataError as exc:
+            print(f"fedtune: {exc}", file=sys.stderr)
+            return 2
     if settings.dataset.name != "tiny" and not settings.dataset.path:
         target = Path(dataset_file(settings.dataset.name, os.environ.get("FEDTUNE_CACHE", f"{CACHE}/fedtune")))
         if not target.exists():
@@ -155,6 +170,46 @@ def cmd_cache(args) -> int:
             tmp.rename(target)
         print(f"dataset {settings.dataset.name}: {target}", flush=True)
     return 0
+
+
+class download_progress:
+    """While a download runs, print every `every` seconds how much is in `directory` (docker
+    compose logs show no progress bar: tqdm redraws one line that a log never shows)."""
+
+    def __init__(self, directory: Path, label: str, every: float = 30.0) -> None:
+        import threading
+
+        self.directory, self.label, self.every = directory, label, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _size(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.directory):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_size  # blobs, not their symlinks
+                except OSError:
+                    continue  # an .incomplete file renamed meanwhile
+        return total
+
+    def _line(self) -> str:
+        done, seconds = self._size() - self._start, time.monotonic() - self._started
+        return f"{self.label}: {done / 2**20:.0f} MiB downloaded in {seconds:.0f} s ({done / 2**20 / max(seconds, 1e-9):.1f} MiB/s)"
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every):
+            print(self._line(), flush=True)
+
+    def __enter__(self):
+        self._start, self._started = self._size(), time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        print(self._line(), flush=True)
 
 
 # ---------------------------------------------------------------------------- CLI
@@ -178,7 +233,7 @@ def cmd_compose(args) -> int:
         nodes=args.nodes if args.nodes is not None else _env_default("FEDTUNE_NODES", DEFAULT_NODES),
         gpus=args.gpus if args.gpus is not None else _env_default("FEDTUNE_GPUS", DEFAULT_GPUS),
         profile=args.profile, no_gpu=args.no_gpu, rounds=args.rounds, run_config=args.run_config, name=args.name,
-        publish=args.publish or StackSpec.publish, role=args.role,
+        publish=args.publish or StackSpec.publish, role=args.role, eval_exact=args.eval_exact, eval_limit=args.eval_limit,
     )
     try:
         sys.stdout.write(render_compose(spec))
@@ -228,6 +283,8 @@ def register(subparsers) -> None:
     comp.add_argument("--run-config", default="", help='extra run config, "key=value ..."')
     comp.add_argument("--name", default="fedtune", help="compose project name")
     comp.add_argument("--publish", help=f"ports entry of the SuperLink (default {StackSpec.publish!r})")
+    comp.add_argument("--eval-exact", action="store_true", help="the evaluate service uses the reference loop (slow)")
+    comp.add_argument("--eval-limit", type=int, help="the evaluate service: first N questions of each benchmark")
     comp.set_defaults(func=cmd_compose)
 
     sm = sub.add_parser("smoke", help="CPU smoke run: the stack with the tiny profile, N SuperNodes, R rounds; then down")

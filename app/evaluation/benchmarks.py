@@ -247,3 +247,25 @@ def _hub_rows(benchmark: Benchmark) -> Iterable[dict]:
             raise
         log.info("%s is a script dataset; loading its parquet export", benchmark.hub_path)
         return load(revision="refs/convert/parquet")
+
+
+def export_benchmarks(target: Path) -> dict[str, Path]:
+    """Each benchmark's split from the hub, in its source schema, as `<target>/<name>.jsonl`:
+    what `--data-dir` reads on a host without internet (the stack's model-cache service fills it).
+    A file already there is kept; each is written to a temporary name, then renamed, then checked
+    as any `--data-dir` file is."""
+    import os
+
+    target.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, benchmark in BENCHMARKS.items():
+        path = target / f"{name}.jsonl"
+        if not path.exists():
+            partial = path.with_name(path.name + ".partial")
+            with open(partial, "w", encoding="utf-8") as handle:
+                for row in _hub_rows(benchmark):
+                    handle.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+            os.replace(partial, path)
+        load_questions(name, target)
+        paths[name] = path
+    return paths

@@ -1,0 +1,74 @@
+"""GPU sampling in the resident trainer: NVML through nvidia-ml-py, nothing on a CPU host."""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+
+from app.gpu_monitor import GpuMonitor
+
+
+def test_without_nvml_it_reports_no_gpu_and_no_metrics(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails, as on a host without the library
+    with GpuMonitor(interval=0.01) as monitor:
+        time.sleep(0.05)
+    assert monitor.metrics() == {}
+    assert monitor.status.startswith("no GPU")
+
+
+def _fake_nvml(used: list[int], util: list[int], count: int = 2) -> types.ModuleType:
+    state = {"calls": 0, "shutdown": False}
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlShutdown = lambda: state.update(shutdown=True)
+    nvml.nvmlDeviceGetCount = lambda: count
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: i
+
+    def memory(handle):
+        state["calls"] += 1
+        return types.SimpleNamespace(used=used[min(state["calls"] - 1, len(used) - 1)])
+
+    nvml.nvmlDeviceGetMemoryInfo = memory
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(gpu=util[min(state["calls"] - 1, len(util) - 1)])
+    nvml.state = state
+    return nvml
+
+
+def test_samples_the_visible_gpu_while_the_block_runs(monkeypatch):
+    nvml = _fake_nvml(used=[1 * 2**30, 3 * 2**30, 2 * 2**30], util=[10, 90, 50])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    with GpuMonitor(interval=0.01) as monitor:
+        while len(monitor.memory) < 3:
+            time.sleep(0.01)
+    metrics = monitor.metrics()
+    assert monitor.status == "sampling GPU(s) 1"
+    assert metrics["gpu-mem-peak-bytes"] == 3 * 2**30
+    assert metrics["gpu-samples"] == len(monitor.memory) >= 3
+    assert 2**30 < metrics["gpu-mem-mean-bytes"] < 3 * 2**30
+    assert 10 < metrics["gpu-util-mean"] < 90
+    assert nvml.state["shutdown"]
+
+
+def test_a_gpu_outside_the_visible_set_is_not_sampled(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1], [1], count=1))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with GpuMonitor(interval=0.01) as monitor:
+        pass
+    assert monitor.metrics() == {} and monitor.status == "no GPU (none visible)"
+
+
+def test_a_round_reports_its_training_window_and_gpu_use_when_there_is_a_gpu(monkeypatch):
+    import torch
+
+    from app.worker import NodeData, RoundWorker, TrainRequest
+
+    run_config = {"profile": "tiny", "dataset.num-partitions": 20}
+    worker = RoundWorker()
+    before = time.time()
+    _, metrics = worker.train(TrainRequest(run_config, NodeData(3, 20), 1, 0.05, 0.01), worker.initial_adapter(run_config))
+    assert before <= metrics["t-train-start"] < metrics["t-train-end"] <= time.time()
+    assert metrics["t-train-end"] - metrics["t-train-start"] <= metrics["client-round-seconds"]
+    gpu_keys = {"gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples"}
+    assert (gpu_keys <= set(metrics)) if torch.cuda.is_available() else not (gpu_keys & set(metrics))
