@@ -268,4 +268,6 @@ def transfer_bytes(shapes: Mapping[str, tuple[int, ...]], fmt: str) -> int:
 
 
 def subtract(a: State, b: State) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((k, np.asarray(a[k], dtype=np.float32) - np.asarray(b[k], dtype=np.float32)) for k in a)
+    """a - b, in b's order: an update travels in the order of the adapter it was made from
+    (the resident trainer's safetensors reply comes back sorted by name)."""
+    return OrderedDict((k, np.asarray(a[k], dtype=np.float32) - np.asarray(b[k], dtype=np.float32)) for k in b)

@@ -213,7 +213,7 @@ def run_federation(name: str, nodes: int, gpus: list[str], rounds: int, clients:
         run_config += ["strategy.fraction-train=1.0"]
     run_config += extra.split()
     cli = ["--profile", profile, "--supernodes", str(nodes), "--rounds", str(rounds), "--data", str(data),
-           "--results", str(results), "--run-config", " ".join(run_config)]
+           "--results", str(results), "--run-config", " ".join(run_config), "--no-eval"]
     if gpus:
         cli += ["--gpus", ",".join(gpus)]
     print(f"\n== {name}: fedtune local up {' '.join(cli)}", flush=True)

@@ -122,12 +122,44 @@ def test_wrapper_restarts_a_dead_trainer(tmp_path):
     assert not socket_path.exists() and not _trainers(psutil.Process())
 
 
-def test_trainer_dying_mid_round_falls_back_to_in_process(tmp_path, monkeypatch):
-    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+def _train_message(initial: dict):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from app import comm
+    from app.config import load_settings
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    config = ConfigRecord({"server-round": 1, "lr": 0.05, "proximal-mu": 0.01})
+    arrays, wire = comm.encode(initial, comm.download_format(load_settings(RUN_CONFIG).comm.format), comm.WEIGHTS)
+    msg = Message(RecordDict({"arrays": arrays, "wire": wire, "config": config}), dst_node_id=7, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3, "num-partitions": 20}, state=RecordDict(), run_config=RUN_CONFIG)
+    return msg, context
+
+
+def test_resident_reply_is_one_the_server_accepts(server, monkeypatch):
+    """The trainer's safetensors reply comes back sorted by name; the update must still travel
+    in the global adapter's order, or the ServerApp refuses it (seen on the H200)."""
     import app.client_app as client_app
     from app import comm
+    from app.config import load_settings
+    from app.server_app import check_reply
+
+    initial = RoundWorker().initial_adapter(RUN_CONFIG)
+    initial = dict(reversed(list(initial.items())))  # an order that sorting changes
+    monkeypatch.setenv(SOCKET_ENV, str(server.path))
+    msg, context = _train_message(initial)
+    reply = client_app.train(msg, context)
+    assert reply.content["metrics"]["resident"] == 1.0
+    update, metrics = check_reply(reply, comm.shapes_of(initial), load_settings(RUN_CONFIG).comm.format, 600)
+    assert list(update) == list(initial) and metrics["num-examples"] > 0 and any(np.any(v) for v in update.values())
+
+
+def test_trainer_dying_mid_round_falls_back_to_in_process(tmp_path, monkeypatch):
+    from flwr.app import ArrayRecord
+
+    import app.client_app as client_app
 
     # A "trainer" that takes the request and dies without replying.
     path = tmp_path / "dying.sock"
@@ -142,12 +174,7 @@ def test_trainer_dying_mid_round_falls_back_to_in_process(tmp_path, monkeypatch)
 
     threading.Thread(target=die, daemon=True).start()
     monkeypatch.setenv(SOCKET_ENV, str(path))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
-    initial = RoundWorker().initial_adapter(RUN_CONFIG)
-    config = ConfigRecord({"server-round": 1, "lr": 0.05, "proximal-mu": 0.01})
-    msg = Message(RecordDict({"arrays": comm.encode(initial, "float32"), "config": config}), dst_node_id=7, message_type="train")
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3, "num-partitions": 20}, state=RecordDict(), run_config=RUN_CONFIG)
+    msg, context = _train_message(RoundWorker().initial_adapter(RUN_CONFIG))
     reply = client_app.train(msg, context)
     listener.close()
     assert not reply.has_error() and reply.content["metrics"]["resident"] == 0.0
