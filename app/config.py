@@ -125,7 +125,7 @@ class CommSettings(_Section):
     # Updates travel up in this format, weights down in bfloat16 (float32 for "float32"): see
     # app/comm.py. The default is the narrowest format whose effect on a round's update at the
     # seed's learning rates stays within 10 % of float32's (BENCHMARKS.md, communication).
-    format: Literal["float32", "bfloat16", "int8-block64", "int8-block256"] = "int8-block64"
+    format: Literal["float32", "bfloat16", "int8-block64", "int8-block256"] = "int8-block256"
     # "per-array" (one Flower Array per tensor) exists for the transport benchmark only.
     layout: Literal["packed", "per-array"] = "packed"
 
