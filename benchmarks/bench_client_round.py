@@ -72,12 +72,10 @@ def client_round(args) -> None:
 
     run_config = json.loads(Path(args.run_config_file).read_text())
     adapter = load_adapter_tensors(Path(args.adapter))
-    content = RecordDict(
-        {
-            "arrays": comm.encode(adapter, run_config.get("comm.dtype", "float32")),
-            "config": ConfigRecord({"server-round": args.server_round, "lr": 5e-5, "proximal-mu": 1.0}),
-        }
-    )
+    fmt = client_app.load_settings(run_config).comm.format
+    arrays, wire = comm.encode(adapter, comm.download_format(fmt), comm.WEIGHTS)
+    config = ConfigRecord({"server-round": args.server_round, "lr": 5e-5, "proximal-mu": 1.0})
+    content = RecordDict({"arrays": arrays, "wire": wire, "config": config})
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1  # set by flwr-clientapp in a real run

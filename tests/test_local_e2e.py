@@ -63,15 +63,18 @@ def test_outputs_and_budget(finished_run):
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     settings = load_settings({"profile": "tiny"})
-    per_transfer = comm.transfer_bytes(adapter_shapes(settings.model, **_tiny_llama_config()), settings.comm.dtype)
+    shapes = adapter_shapes(settings.model, **_tiny_llama_config())
+    down = comm.transfer_bytes(shapes, comm.download_format(settings.comm.format))
+    up = comm.transfer_bytes(shapes, settings.comm.format)
     clients = max(1, int(NODES * settings.strategy.fraction_train))
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
     for r in rounds:
         assert len(r["clients"]) == clients and r["failures"] == 0
-        assert r["bytes_down"] == r["bytes_up"] == clients * per_transfer
+        assert r["bytes_down"] == clients * down and r["bytes_up"] == clients * up
+        assert r["comm_format"] == settings.comm.format
         assert len({c["partition_id"] for c in r["clients"]}) == clients
         assert all(c["resident"] for c in r["clients"])
-    assert summary["communication_mib"] == pytest.approx(ROUNDS * 2 * clients * per_transfer / 2**20)
+    assert summary["communication_mib"] == pytest.approx(ROUNDS * clients * (down + up) / 2**20)
     assert summary["rounds_completed"] == ROUNDS
     assert (run / "training.png").stat().st_size > 10_000
 
