@@ -102,7 +102,8 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[
     return replies, sent, arrived
 
 
-def wait_for_nodes(grid: Grid, needed: int, what: str, patience: float = NODE_WAIT_SECONDS) -> list[Any]:
+def wait_for_nodes(grid: Grid, needed: int, what: str) -> list[Any]:
+    patience = NODE_WAIT_SECONDS
     deadline = time.monotonic() + patience
     while True:
         nodes = list(grid.get_nodes())

@@ -433,3 +433,29 @@ def test_narrow_wire_keeps_the_round_update_at_the_seed_learning_rates(tmp_path,
     errors = round_update_error(tmp_path, real_training, fmt)
     assert set(errors) == {"lora_magnitude_vector", "lora_A", "lora_B"}
     assert all(error < 0.10 for error in errors.values()), errors
+
+
+def test_every_server_wait_has_a_deadline_and_says_what_it_waited_for(tmp_path, fast_init, monkeypatch):
+    monkeypatch.setattr(server_app, "NODE_WAIT_SECONDS", 0.5)
+    with pytest.raises(server_app.NodesUnavailable, match=r"initial adapter: 0 SuperNode\(s\) online after 0.5 s, 1 needed"):
+        run_main(InMemoryGrid([], _config(tmp_path), fake_client), run_id=111)
+
+    silent = InMemoryGrid(NAMES, _config(tmp_path, **{"strategy.round-timeout": 1.0}), fake_client)
+    silent.push_messages = lambda messages: [m.object_id for m in messages]  # nodes that never answer
+    with pytest.raises(server_app.NodesUnavailable, match=r"no SuperNode returned the initial adapter within 1 s .*no reply"):
+        run_main(silent, run_id=112)
+
+    class Vanishing(InMemoryGrid):  # every node leaves once the initial adapter has arrived
+        initialised = False
+
+        def get_nodes(self):
+            return [] if self.initialised else super().get_nodes()
+
+        def pull_messages(self, message_ids):
+            replies = super().pull_messages(message_ids)
+            self.initialised = self.initialised or bool(replies)
+            return replies
+
+    with pytest.raises(server_app.NodesUnavailable, match=r"round 1: 0 SuperNode\(s\) online after 0.5 s, 1 needed"):
+        run_main(Vanishing(NAMES, _config(tmp_path), fake_client), run_id=113)
+    assert json.loads((tmp_path / "run-113" / "summary.json").read_text())["stopped"].startswith("round 1: 0 SuperNode")
