@@ -1,0 +1,60 @@
+"""The transport benchmark's logic (no processes, nothing timed): the echo app's messages are the
+adapter-shaped payload app.comm counts, and `--flower-settings off` covers every launcher setting."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from app import comm
+from app.deploy import launcher
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+echo = _load("transport_echo", ROOT / "benchmarks" / "transport_app" / "transport_echo.py")
+bench = _load("bench_transport", ROOT / "benchmarks" / "bench_transport.py")
+
+
+def test_seed_size_gives_the_seed_adapter_shapes():
+    shapes = echo.adapter_shapes(echo.SEED_MIB)
+    assert len(shapes) == 192
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 13_795_328
+
+
+def test_payload_is_what_comm_counts_in_both_layouts():
+    for size in (1, 26, 52):
+        shapes = echo.adapter_shapes(size)
+        state = echo.make_state(shapes)
+        counted = comm.transfer_bytes(shapes, echo.FORMAT)
+        assert abs(counted / 2**20 - size) / size < 0.01
+        for layout, arrays in (("packed", 1), ("per-array", 192)):
+            record, wire = comm.encode(state, echo.FORMAT, comm.WEIGHTS, layout)
+            assert len(record) == arrays and comm.record_bytes(record) == counted
+            back = comm.decode(record, wire, expect_shapes=shapes, expect_format=echo.FORMAT)
+            assert np.array_equal(back[next(iter(shapes))], comm.round_trip(state[next(iter(shapes))], echo.FORMAT))
+
+
+def test_default_layout_is_what_the_app_sends():
+    assert bench.app_layout("default") == "packed"
+    assert bench.app_layout("per-array") == "per-array"
+
+
+def test_settings_off_restores_every_launcher_setting():
+    assert bench.FLOWER_DEFAULTS.keys() == launcher.FLOWER_SETTINGS.keys()
+
+
+def test_environment_overrides_launcher_settings(monkeypatch, tmp_path):
+    key = next(iter(launcher.FLOWER_SETTINGS))
+    assert launcher.flower_env(tmp_path)[key] == launcher.FLOWER_SETTINGS[key]
+    monkeypatch.setenv(key, "2.5")
+    assert launcher.flower_env(tmp_path)[key] == "2.5"
