@@ -1,5 +1,6 @@
-"""The transport benchmark's logic (no processes, nothing timed): the echo app's messages are the
-adapter-shaped payload app.comm counts, and `--flower-settings off` covers every launcher setting."""
+"""Issue 16, nothing timed: the transport benchmark's echo app sends the adapter-shaped payload
+app.comm counts, `--flower-settings off` covers every launcher setting, and the ClientApp reads
+its start time without psutil."""
 
 import importlib.util
 import sys
@@ -58,3 +59,11 @@ def test_environment_overrides_launcher_settings(monkeypatch, tmp_path):
     assert launcher.flower_env(tmp_path)[key] == launcher.FLOWER_SETTINGS[key]
     monkeypatch.setenv(key, "2.5")
     assert launcher.flower_env(tmp_path)[key] == "2.5"
+
+
+def test_clientapp_process_start_time_without_psutil():
+    import psutil
+
+    import app.client_app as client_app
+
+    assert abs(client_app._process_start_time() - psutil.Process().create_time()) < 0.05
