@@ -135,6 +135,8 @@ def main(argv=None) -> int:
     finally:
         if federation:
             federation.stop()
+    # Issue 16's `database is locked` under concurrent clients: how often any process logged it.
+    locked = {log.stem: n for log in sorted((work / "logs").glob("*.log")) if (n := log.read_text(errors="replace").count("database is locked"))}
     shutil.rmtree(work, ignore_errors=True)
 
     result = {}
@@ -147,6 +149,7 @@ def main(argv=None) -> int:
         }
     result["config"] = {"size_mib": args.size_mib, "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
                         "flower_settings": settings, "tls": True}
+    result["database_locked_lines"] = locked
     result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     result.update(metadata())
     print(f"\n{args.size_mib:g} MiB, {args.clients} client(s), settings {settings}, load {load_before[0]:.1f}->{result['load_average']['after'][0]:.1f}")

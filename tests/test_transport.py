@@ -67,3 +67,37 @@ def test_clientapp_process_start_time_without_psutil():
     import app.client_app as client_app
 
     assert abs(client_app._process_start_time() - psutil.Process().create_time()) < 0.05
+
+
+def test_follow_run_survives_database_locked(monkeypatch, tmp_path):
+    """`database is locked` at the SuperLink under concurrent clients ended `flwr run --stream`
+    early. The launcher never streams (`flwr run` alone, then it polls `flwr ls`): a poll that
+    fails is one unknown status, and following goes on until the run is finished."""
+    import io
+
+    replies = iter([
+        {"success": False, "error-message": "sqlite3.OperationalError: database is locked"},
+        launcher.LaunchError("`flwr ls` failed (1): database is locked"),
+        {"success": True, "runs": [{"status": "running"}]},
+        {"success": True, "runs": [{"status": "finished:completed"}]},
+    ])
+    calls = []
+
+    def flwr_json(args, env, timeout=60):
+        calls.append(args)
+        reply = next(replies)
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    monkeypatch.setattr(launcher, "flwr_json", flwr_json)
+    monkeypatch.setattr(launcher, "POLL_SECONDS", 0)
+    assert launcher.follow_run("7", {}, tmp_path, None, (), out=io.StringIO()) == "finished:completed"
+    assert [c[0] for c in calls] == ["ls"] * 4
+
+
+def test_submit_does_not_stream_logs(monkeypatch):
+    seen = []
+    monkeypatch.setattr(launcher, "flwr_json", lambda args, env, timeout=60: seen.append(args) or {"success": True, "run-id": 5})
+    assert launcher.submit({}, {"num-server-rounds": 1}) == "5"
+    assert seen[0][0] == "run" and "--stream" not in seen[0]
