@@ -132,6 +132,8 @@ def main(argv=None) -> int:
                 rows = run_once(env, federation, work, layout, args, f"{layout}-{rep}")
                 rounds[layout] += rows
                 print(f"{layout:>10} run {rep + 1}: " + " ".join(f"{r['round_s']:.2f}" for r in rows) + " s", flush=True)
+    except launcher.LaunchError as exc:
+        raise SystemExit(f"bench_transport: {exc}; logs kept in {work / 'logs'}") from None
     finally:
         if federation:
             federation.stop()
