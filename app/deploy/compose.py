@@ -209,10 +209,12 @@ def _register_service(spec: StackSpec) -> dict[str, Any]:
 
 def _serverapp_service(spec: StackSpec, paths) -> dict[str, Any]:
     from app.deploy.certs import flower_tls_args
+    from app.deploy.launcher import FLOWER_SETTINGS
 
     return {
         "image": APP,
         "command": ["flower-superexec", *flower_tls_args("superexec-serverapp", paths), "--runtime-api-address", SUPERLINK],
+        "environment": dict(FLOWER_SETTINGS),  # the same Flower settings as `fedtune local up`
         "depends_on": {"superlink": {"condition": "service_healthy"}},
         "volumes": [_certs_mount(spec), RESULTS_MOUNT],
         "init": True,
@@ -224,6 +226,7 @@ def _serverapp_service(spec: StackSpec, paths) -> dict[str, Any]:
 def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str, partitions: int | str,
                        gpu: str | None) -> dict[str, Any]:
     from app.deploy.certs import flower_tls_args
+    from app.deploy.launcher import FLOWER_SETTINGS
 
     node: dict[str, Any] = {
         "image": APP,
@@ -237,6 +240,7 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
             "HF_DATASETS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             **({"OMP_NUM_THREADS": "1"} if spec.no_gpu else {}),
+            **FLOWER_SETTINGS,  # its own SuperExec starts the ClientApps
         },
         "labels": {"fedtune.role": "supernode", "fedtune.partition-id": str(index)},
         "volumes": [_certs_mount(spec), f"model-cache:{CACHE}:ro"],

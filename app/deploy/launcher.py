@@ -48,8 +48,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Flower 1.42 settings every process gets unless the environment sets them (BENCHMARKS.md,
+# "Transport (issue 16)", has each one's measured effect; benchmarks/bench_transport.py toggles them).
+FLOWER_SETTINGS = {
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # the SuperExec picks up a submitted run within 0.1 s, not 1 s
+}
+
+
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    return dict(os.environ, FLWR_HOME=str(flwr_home), FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+    return {**FLOWER_SETTINGS, **os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
 def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None) -> None:
@@ -208,9 +215,9 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
         time.sleep(POLL_SECONDS)
 
 
-def submit(env: dict[str, str], run_config: dict[str, Any]) -> str:
+def submit(env: dict[str, str], run_config: dict[str, Any], app_dir: Path = APP_DIR) -> str:
     items = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    reply = flwr_json(["run", str(APP_DIR), FEDERATION, "--run-config", items], env, timeout=300)
+    reply = flwr_json(["run", str(app_dir), FEDERATION, "--run-config", items], env, timeout=300)
     if not reply.get("success"):
         raise LaunchError(f"run submission failed: {reply}")
     return str(reply["run-id"])
