@@ -29,10 +29,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from app import comm
 from app.checkpoint import check_same_layout, load_resume_point, save_adapter
@@ -48,6 +50,9 @@ CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples",
 POLL_SECONDS = 0.25
 # How long a round, or the initial adapter, waits for enough SuperNodes to be online.
 NODE_WAIT_SECONDS = 600.0
+# What the Grid raises while the SuperLink is briefly away: an expired push session, an HTTP
+# error, a refused connection.
+TRANSPORT_ERRORS = (ObjectPushError, httpx.HTTPError, OSError)
 
 
 class TooFewReplies(RuntimeError):
@@ -83,23 +88,34 @@ def sample_nodes(nodes: list[Any], sample_size: int, seed: int, server_round: in
     return random.Random(int.from_bytes(digest[:8], "big")).sample(ordered, sample_size)
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], float, dict[str, float]]:
+def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], float, dict[str, float], str | None]:
     """Push `messages`, then pull replies every POLL_SECONDS until all are in or `timeout` s
-    have passed. Returns the replies, when the push finished and when each reply arrived
-    (epoch seconds, keyed by the message it answers)."""
-    pending = set(grid.push_messages(messages))
+    have passed. Returns the replies, when the push finished, when each reply arrived (epoch s,
+    keyed by the message it answers) and, for replies that never came, a transport problem
+    seen on the way (a SuperLink restart can expire a push session or refuse a pull): that
+    attempt then fails like a lost node instead of ending the run."""
+    try:
+        pending = {i for i in grid.push_messages(messages) if i}
+    except TRANSPORT_ERRORS as exc:
+        log.warning("pushing %d message(s) failed: %s: %s", len(messages), type(exc).__name__, exc)
+        return [], time.time(), {}, f"not delivered ({type(exc).__name__}: {exc})"
     sent = time.time()
+    problem = None if len(pending) == len(messages) else "not delivered (the SuperLink refused the message)"
     deadline = time.monotonic() + timeout
     replies, arrived = [], {}
     while pending:
-        for reply in grid.pull_messages(list(pending)):
-            replies.append(reply)
-            arrived[reply.metadata.reply_to_message_id] = time.time()
-            pending.discard(reply.metadata.reply_to_message_id)
+        try:
+            for reply in grid.pull_messages(list(pending)):
+                replies.append(reply)
+                arrived[reply.metadata.reply_to_message_id] = time.time()
+                pending.discard(reply.metadata.reply_to_message_id)
+        except TRANSPORT_ERRORS as exc:  # transient while the SuperLink restarts: keep polling
+            problem = f"reply not pulled ({type(exc).__name__}: {exc})"
+            log.warning("pulling replies failed: %s", problem)
         if not pending or time.monotonic() >= deadline:
             break
         time.sleep(POLL_SECONDS)
-    return replies, sent, arrived
+    return replies, sent, arrived, problem
 
 
 def wait_for_nodes(grid: Grid, needed: int, what: str) -> list[Any]:
@@ -179,7 +195,7 @@ class FedTuneProx(FedProx):
         messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n.node_id) for n in nodes]
         return messages, {n.node_id: n.name or str(n.node_id) for n in nodes}
 
-    def collect(self, messages: list[Message], replies: Iterable[Message], names: dict[int, str], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+    def collect(self, messages: list[Message], replies: Iterable[Message], names: dict[int, str], shapes: Mapping[str, tuple[int, ...]], problem: str | None = None) -> dict[str, Any]:
         """Sort replies into usable ones (in sample order, so aggregation is reproducible) and
         failures. Bytes count only what moved: a download is confirmed by the node's own reply
         (result or error); one with no reply from the node is reported apart as unconfirmed."""
@@ -191,7 +207,7 @@ class FedTuneProx(FedProx):
             reply = by_request.get(msg.metadata.message_id)
             if reply is None:
                 out["bytes_down_unconfirmed"] += size
-                reason = f"no reply within strategy.round-timeout={self.settings.strategy.round_timeout:g} s"
+                reason = problem or f"no reply within strategy.round-timeout={self.settings.strategy.round_timeout:g} s"
             elif reply.metadata.src_node_id != node:  # the SuperLink answered for it: node lost
                 out["bytes_down_unconfirmed"] += size
                 reason = f"error {reply.error.code}: {reply.error.reason}"
@@ -226,8 +242,8 @@ class FedTuneProx(FedProx):
         attempts = 1 + (strategy.max_retries if strategy.on_too_few_replies == "retry" else 0)
         for attempt in range(attempts):
             messages, names = self.configure_round(server_round, master, grid, attempt)
-            replies, sent, arrived = exchange(grid, messages, strategy.round_timeout)
-            got = self.collect(messages, replies, names, shapes)
+            replies, sent, arrived, problem = exchange(grid, messages, strategy.round_timeout)
+            got = self.collect(messages, replies, names, shapes, problem)
             record["attempts"] += 1
             record["failures"] += len(got["failed"])
             record["failed"] += [dict(f, attempt=attempt) for f in got["failed"]]
@@ -309,9 +325,9 @@ def request_initial_adapter(grid: Grid, timeout: float) -> tuple[State, int]:
         if remaining <= 0:
             break
         message = Message(content=RecordDict({"config": ConfigRecord({})}), message_type="query.init", dst_node_id=node.node_id)
-        replies, _, _ = exchange(grid, [message], remaining)
+        replies, _, _, problem = exchange(grid, [message], remaining)
         if not replies:
-            reasons.append(f"node {node.node_id}: no reply")
+            reasons.append(f"node {node.node_id}: {problem or 'no reply'}")
             continue
         reply = replies[0]
         if reply.has_error():

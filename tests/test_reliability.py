@@ -459,3 +459,32 @@ def test_every_server_wait_has_a_deadline_and_says_what_it_waited_for(tmp_path, 
     with pytest.raises(server_app.NodesUnavailable, match=r"round 1: 0 SuperNode\(s\) online after 0.5 s, 1 needed"):
         run_main(Vanishing(NAMES, _config(tmp_path), fake_client), run_id=113)
     assert json.loads((tmp_path / "run-113" / "summary.json").read_text())["stopped"].startswith("round 1: 0 SuperNode")
+
+
+def test_a_superlink_restart_during_push_or_pull_fails_the_attempt_not_the_run(tmp_path, fast_init):
+    """Seen with a SuperLink killed mid-run: Flower's push raised ObjectPushError ("the push
+    session may have expired") out of the ServerApp and ended the run."""
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
+
+    import httpx
+
+    class Restarting(InMemoryGrid):
+        train_pushes = pulls = 0
+
+        def push_messages(self, messages):
+            if messages[0].metadata.message_type == "train":
+                self.train_pushes += 1
+                if self.train_pushes == 1:
+                    raise ObjectPushError("object-1", 1, "session-1")
+            return super().push_messages(messages)
+
+        def pull_messages(self, message_ids):
+            self.pulls += 1
+            if self.pulls == 2:
+                raise httpx.ConnectError("connection refused")
+            return super().pull_messages(message_ids)
+
+    config = _config(tmp_path, **{"num-server-rounds": 1, "strategy.max-retries": 2})
+    [record] = _metrics(run_main(Restarting(NAMES, config, fake_client), run_id=121))
+    assert record["status"] == "aggregated" and record["attempts"] == 2
+    assert all(f["attempt"] == 0 and "not delivered (ObjectPushError" in f["reason"] for f in record["failed"])

@@ -64,7 +64,7 @@ def main(grid: Grid, context: Context) -> None:
         started = time.monotonic()
         arrays, wire = comm.encode(state, FORMAT, comm.WEIGHTS, layout)
         messages = [Message(content=RecordDict({"arrays": arrays, "wire": wire}), message_type=MessageType.TRAIN, dst_node_id=n.node_id) for n in nodes]
-        replies, _, _ = exchange(grid, messages, ROUND_TIMEOUT)
+        replies, _, _, _ = exchange(grid, messages, ROUND_TIMEOUT)
         ok = [r for r in replies if not r.has_error()]
         for reply in ok:  # the echo must be the state as sent, after bfloat16 rounding
             back = comm.decode(reply.content["arrays"], reply.content["wire"], expect_shapes=shapes, expect_format=FORMAT)
