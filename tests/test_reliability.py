@@ -308,3 +308,14 @@ def test_local_up_refuses_a_mismatched_checkpoint_before_starting(tmp_path, chec
     assert local_up(args) == 2
     assert "model.lora.peft-lora-r: checkpoint 8, this run 4" in capsys.readouterr().err
     assert not results.exists()  # nothing started, nothing written
+
+
+def test_resume_after_a_crash_that_cut_a_metrics_line_short(checkpoint_run, fast_init, caplog):
+    config, peft = checkpoint_run
+    metrics = peft.parent / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"round": 2, "status": "aggr')  # killed while writing round 2's line
+    run = run_main(InMemoryGrid(NAMES, dict(config, **{"resume-from": str(peft)}), fake_client), run_id=91)
+    assert [r["round"] for r in _metrics(run)] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
+    assert f"{metrics}: skipped 1 unreadable line(s) (the last one unfinished" in caplog.text

@@ -24,6 +24,7 @@ from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ConfigError, load_settings, parse_overrides
+from app.report import read_jsonl_from
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
@@ -178,7 +179,7 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
     """Print one line per finished round until the run ends; return its final status."""
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     metrics = run_dir / "metrics.jsonl"
-    shown, unreachable_since = 0, None
+    offset, lines_read, skipped, unreachable_since = 0, 0, 0, None
     while True:
         if federation:
             federation.check(essential)
@@ -191,20 +192,28 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
                 raise LaunchError(f"SuperLink unreachable for {SUPERLINK_PATIENCE:.0f} s: {exc}") from None
             status = "unknown"
         if metrics.exists():
-            lines = metrics.read_text().splitlines()
-            for line in lines[shown:]:
-                r = json.loads(line)
-                loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
-                print(
-                    f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
-                    f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
-                    f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s",
-                    file=out, flush=True,
-                )
-            shown = len(lines)
+            chunk = read_jsonl_from(metrics, offset, lines_read + 1)
+            offset, lines_read = chunk.end, lines_read + chunk.lines
+            for problem in chunk.bad:
+                skipped += 1
+                print(f"warning: skipped {problem} ({skipped} skipped so far)", file=out, flush=True)
+            for r in chunk.records:
+                print(_round_line(r, metrics), file=out, flush=True)
         if status.startswith("finished"):
+            if metrics.exists() and metrics.stat().st_size > offset:
+                print(f"warning: skipped {metrics}'s unfinished last line (line {lines_read + 1})", file=out, flush=True)
             return status
         time.sleep(POLL_SECONDS)
+
+
+def _round_line(r: dict[str, Any], metrics: Path) -> str:
+    try:
+        loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
+        return (f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
+                f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
+                f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s")
+    except (KeyError, TypeError, ValueError) as exc:  # a record of another version, or edited by hand
+        return f"round {r.get('round', '?')}: (record in {metrics} lacks or mistypes a field: {type(exc).__name__}: {exc})"
 
 
 def submit(env: dict[str, str], run_config: dict[str, Any]) -> str:
