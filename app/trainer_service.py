@@ -65,7 +65,8 @@ def send_message(conn: socket.socket, header: dict[str, Any], tensors: dict | No
         payload = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
     head = json.dumps(header).encode()
     conn.sendall(_LEN.pack(len(head)) + head + _LEN.pack(len(payload)))
-    conn.sendall(payload)
+    if payload:  # an empty send after a quick reply (a ping's) would meet a closed peer: EPIPE
+        conn.sendall(payload)
 
 
 def recv_message(conn: socket.socket) -> tuple[dict[str, Any], dict]:

@@ -330,3 +330,32 @@ def test_trainer_exits_promptly_on_sigterm_even_mid_round(tmp_path):
         trainer.wait(timeout=5)
     finally:
         trainer.kill()
+
+
+def test_ping_is_answered_mid_round_and_reports_a_round_past_its_deadline(server, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(server, "_dispatch", lambda header, tensors: (release.wait(30), ({"ok": True}, None))[1])
+    monkeypatch.setattr(trainer_service, "OVERDUE_GRACE_SECONDS", 0.0)
+    worker = threading.Thread(target=pytest.raises, args=(TrainerUnavailable, call_trainer, str(server.path), {"op": "train"}, None, 5.0, 1.0),
+                              daemon=True)  # its ClientApp gives up after 1 s
+    worker.start()
+    _wait_for(lambda: call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["busy_seconds"] > 0, 10)
+    assert call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["overdue"] is False
+    with pytest.raises(TrainerUnavailable, match="busy with another request"):  # one round at a time
+        call_trainer(str(server.path), {"op": "train"}, None, 1.0, 1.0)
+    _wait_for(lambda: call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["overdue"], 10)
+    release.set()
+    worker.join(timeout=10)
+
+
+def test_watchdog_restarts_a_trainer_whose_round_is_overdue(tmp_path, monkeypatch, capfd):
+    watchdog = trainer_service._Watchdog(str(tmp_path / "t.sock"))
+    try:
+        first = watchdog.trainer
+        monkeypatch.setattr(trainer_service, "_answers", lambda path: {"ok": True, "busy_seconds": 2000.0, "overdue": True})
+        watchdog.next_check = 0
+        watchdog.check()
+        assert first.poll() is not None and watchdog.trainer.poll() is None
+        assert "resident trainer busy for 2000 s, past its request's deadline; restarting it" in capfd.readouterr().err
+    finally:
+        watchdog.stop()
