@@ -268,9 +268,10 @@ def _start_trainer(socket_path: str) -> subprocess.Popen:
     trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", socket_path], preexec_fn=die_with_parent(signal.SIGKILL))
     deadline = time.monotonic() + TRAINER_START_SECONDS
     while not _answers(socket_path):
-        if trainer.poll() is not None or time.monotonic() > deadline:
+        if (code := trainer.poll()) is not None or time.monotonic() > deadline:
             _kill(trainer)
-            raise RuntimeError(f"resident trainer did not start within {TRAINER_START_SECONDS:.0f} s (exit code {trainer.returncode}); socket {socket_path}")
+            why = f"exited with code {code}" if code is not None else f"did not answer within {TRAINER_START_SECONDS:.0f} s (killed)"
+            raise RuntimeError(f"resident trainer {why} while starting; socket {socket_path}")
         time.sleep(0.05)
     return trainer
 

@@ -98,13 +98,14 @@ def fake_flower(tmp_path):
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
 
 
-def _federation_processes(results: Path) -> list[psutil.Process]:
-    found = []
+def _federation_processes(results: Path) -> dict[psutil.Process, list[str]]:
+    """Live processes of launches into `results`, with their command lines."""
+    found = {}
     for proc in psutil.process_iter():
         try:
             if proc.environ().get("FLWR_HOME", "").startswith(str(results)) and proc.status() != psutil.STATUS_ZOMBIE:
-                found.append(proc)
-        except psutil.Error:
+                found[proc] = proc.cmdline()
+        except psutil.Error:  # gone meanwhile
             continue
     return found
 
@@ -132,9 +133,9 @@ def _running(results: Path, *launches: tuple[subprocess.Popen, Path]) -> None:
     def up():
         for proc, log in launches:
             assert proc.poll() is None, log.read_text()
-        procs = _federation_processes(results)
-        trainers = [p for p in procs if "app.trainer_service" in p.cmdline()]
-        supernodes = [p for p in procs if p.cmdline()[1:2] and p.cmdline()[1].endswith("/flower-supernode")]
+        commands = _federation_processes(results).values()
+        trainers = [c for c in commands if "app.trainer_service" in c]
+        supernodes = [c for c in commands if c[1:2] and c[1].endswith("/flower-supernode")]
         submitted = all("submitted" in log.read_text() for _, log in launches)
         return submitted and len(trainers) == len(supernodes) == NODES * len(launches)
 
@@ -145,14 +146,27 @@ def _gone(results: Path, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while (left := _federation_processes(results)) and time.monotonic() < deadline:
         time.sleep(0.2)
-    names = [f"{p.pid} (parent {p.ppid()}): " + " ".join(p.cmdline()[:4]) for p in left if p.is_running()]
+    names = [" ".join(command[:4]) for command in left.values()]
     for proc in left:  # never leave them to the next test
         with suppress(psutil.Error):
             proc.kill()
     assert not names, f"still running {timeout:.0f} s after the stop: {names}"
 
 
-def test_sighup_stops_the_whole_federation_and_concurrent_launches_share_nothing(tmp_path, fake_flower):
+def test_sighup_stops_the_whole_federation(tmp_path, fake_flower):
+    results, log = tmp_path / "results", tmp_path / "out.log"
+    proc = _launch(results, fake_flower, log)
+    try:
+        _running(results, (proc, log))
+        proc.send_signal(signal.SIGHUP)  # the SSH session dropped
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _gone(results)
+
+
+def test_concurrent_launches_with_one_results_directory_share_nothing(tmp_path, fake_flower):
     results = tmp_path / "results"
     first = _launch(results, fake_flower, tmp_path / "a.log")
     second = _launch(results, fake_flower, tmp_path / "b.log")  # same second, same --results
@@ -163,7 +177,7 @@ def test_sighup_stops_the_whole_federation_and_concurrent_launches_share_nothing
         ports = {(w / "flwr-home" / "config.toml").read_text().split('address = "')[1].split('"')[0] for w in works}
         assert len(ports) == 2
         for proc in (first, second):
-            proc.send_signal(signal.SIGHUP)  # the SSH session dropped
+            proc.terminate()
         assert first.wait(timeout=60) == 1 and second.wait(timeout=60) == 1
     finally:
         for proc in (first, second):

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import stat
@@ -121,6 +122,28 @@ def test_wrapper_restarts_a_dead_trainer(tmp_path):
         _, err = wrapper.communicate(timeout=60)
     assert wrapper.returncode == 0 and "resident trainer exited with code -9; restarting it" in err
     assert not socket_path.exists() and not _trainers(psutil.Process())
+
+
+def test_a_sigkilled_wrapper_takes_its_trainer_and_supernode_down(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flower-supernode"
+    fake.write_text("#!/bin/sh\nexec sleep 100000\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    wrapper = subprocess.Popen([sys.executable, "-m", "app.cli", "supernode", "--trainer-socket", str(tmp_path / "t.sock"), "--", "--insecure"], env=env)
+    children = []
+    try:
+        _wait_for(lambda: len(psutil.Process(wrapper.pid).children()) == 2 and _trainers(psutil.Process(wrapper.pid)), 60)
+        children = psutil.Process(wrapper.pid).children()
+        wrapper.kill()  # the OOM killer: the wrapper runs no cleanup
+        wrapper.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        for proc in children:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def test_trainer_dying_mid_round_falls_back_to_in_process(tmp_path, monkeypatch):
@@ -258,8 +281,20 @@ def _in_background(steps, stop):
     return thread, errors
 
 
+def _ended(proc: psutil.Process) -> bool:  # without reaping it: that is its parent's (the wrapper's) business
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _live_trainers():
-    return [p for p in _trainers(psutil.Process()) if p.status() != psutil.STATUS_STOPPED]
+    live = []
+    for proc in _trainers(psutil.Process()):
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            if proc.status() != psutil.STATUS_STOPPED:
+                live.append(proc)
+    return live
 
 
 def _wait_for(condition, timeout):
@@ -278,7 +313,7 @@ def test_watchdog_kills_and_restarts_a_hung_trainer(wrapper_in_this_process, cap
     def steps():
         [first] = _wait_for(ready, 60)
         first.send_signal(signal_module.SIGSTOP)  # hangs so hard it cannot even answer a ping
-        _wait_for(lambda: not first.is_running() or first.status() == psutil.STATUS_ZOMBIE, 30)
+        _wait_for(lambda: _ended(first), 30)
         [second] = _wait_for(_live_trainers, 60)
         assert second.pid != first.pid
 

@@ -182,9 +182,11 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the SSH session dropped
 
 
-def _raise_on_stop_signals() -> None:
+def _raise_on_stop_signals() -> dict[int, Any]:
     """The first Ctrl-C, SIGTERM or SIGHUP stops the federation; later ones are ignored, so
-    they cannot break off the stop half-way and leave processes behind."""
+    they cannot break off the stop half-way and leave processes behind. Returns the handlers
+    it replaced."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
 
     def handler(signum, _frame):
         _ignore_stop_signals()
@@ -192,6 +194,7 @@ def _raise_on_stop_signals() -> None:
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, handler)
+    return previous
 
 
 def _ignore_stop_signals() -> None:
@@ -348,7 +351,7 @@ def local_up(args) -> int:
     # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
     # the SuperExec holds the ServerApp: if it dies the run is lost (resume-from continues it).
     essential = ("superexec",)
-    _raise_on_stop_signals()
+    previous_handlers = _raise_on_stop_signals()
     status = "not started"
     try:
         port = start_superlink(
@@ -390,6 +393,8 @@ def local_up(args) -> int:
     finally:
         _ignore_stop_signals()
         federation.stop()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     return 0 if status == "finished:completed" else 1
 
 
