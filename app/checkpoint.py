@@ -61,6 +61,7 @@ def save_adapter(
     checkpoint or the new one at `directory`, never half of one. Temporary directories a
     killed save left behind are removed by the next save of the same checkpoint.
     """
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
     from app.model import lora_config
@@ -71,17 +72,20 @@ def save_adapter(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
-        tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
-        save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        lora_config(model).save_pretrained(str(staging))
-        names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
-        if run_state is not None:
-            (staging / RUN_STATE).write_text(json.dumps(run_state, indent=2), encoding="utf-8")
-            names.append(RUN_STATE)
-        for name in names:
-            with open(staging / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        _fsync_dir(staging)
+        try:
+            tensors = {k: np.ascontiguousarray(v) for k, v in state.items()}
+            save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            lora_config(model).save_pretrained(str(staging))
+            names = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+            if run_state is not None:
+                (staging / RUN_STATE).write_text(json.dumps(run_state, indent=2), encoding="utf-8")
+                names.append(RUN_STATE)
+            for name in names:
+                with open(staging / name, "rb") as handle:
+                    os.fsync(handle.fileno())
+            _fsync_dir(staging)
+        except (OSError, SafetensorError) as exc:  # a full disk, a quota, an I/O error: name what failed
+            raise _write_error(directory, exc) from exc
         if not directory.exists():
             os.replace(staging, directory)
         elif not _exchange(staging, directory):
@@ -93,6 +97,15 @@ def save_adapter(
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # after an exchange: the previous version
     return directory
+
+
+def _write_error(directory: Path, exc: Exception) -> OSError:
+    """OSError naming the checkpoint and the cause; safetensors reports errno only in its text."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None and (match := re.search(r"os error (\d+)", str(exc))):
+        code = int(match.group(1))
+    why = os.strerror(code).lower() if code else str(exc)
+    return OSError(code or errno.EIO, f"checkpoint {directory}: could not write it: {why}; the previous checkpoint there, if any, is unchanged")
 
 
 def load_adapter_tensors(directory: Path) -> dict[str, np.ndarray]:

@@ -15,7 +15,7 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
-from app.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer
+from app.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout
 from app.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def initial_adapter(msg: Message, context: Context) -> Message:
     adapter = None
     if socket_path := _trainer_socket(settings.trainer.resident):
         try:
-            _, adapter = call_trainer(socket_path, {"op": "init", "run_config": run_config}, None, settings.trainer.connect_timeout)
+            _, adapter = call_trainer(socket_path, {"op": "init", "run_config": run_config}, None, settings.trainer.connect_timeout,
+                                      request_timeout(settings, "init"))
         except TrainerUnavailable as exc:
             log.warning("%s; initialising in-process", exc)
     if adapter is None:
@@ -86,7 +87,8 @@ def train(msg: Message, context: Context) -> Message:
             "proximal_mu": request.proximal_mu,
         }
         try:
-            reply, adapter = call_trainer(socket_path, header, global_adapter, settings.trainer.connect_timeout)
+            reply, adapter = call_trainer(socket_path, header, global_adapter, settings.trainer.connect_timeout,
+                                          request_timeout(settings, "train"))
             metrics, resident = reply["metrics"], 1.0
         except TrainerUnavailable as exc:
             log.warning("%s; training in-process", exc)

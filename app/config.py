@@ -119,6 +119,12 @@ class TrainerSettings(_Section):
     # Keep the base model in a long-lived process per SuperNode (see app/trainer_service.py).
     resident: bool = True
     connect_timeout: float = Field(5.0, gt=0.0)
+    # A resident trainer that takes longer than load-seconds + steps x step-seconds for a round
+    # counts as hung: its ClientApp trains in-process, its SuperNode restarts it
+    # (app/trainer_service.py request_timeout). Measured (BENCHMARKS.md, 8B on one H200): 0.86 s
+    # per step, 41 s for a warm-up round with the model load; 20 trainers share 8 GPUs.
+    load_seconds: float = Field(900.0, gt=0.0)
+    step_seconds: float = Field(60.0, gt=0.0)
 
 
 class CommSettings(_Section):

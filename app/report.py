@@ -3,25 +3,72 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MIB = 1024**2
 PLOT_NAME = "training.png"
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    with open(path, "a+b") as handle:
+        # A line cut short by a crash or a full disk: start on a fresh line, so only that record is lost.
+        end = handle.seek(0, os.SEEK_END)
+        torn = end > 0 and os.pread(handle.fileno(), 1, end - 1) != b"\n"
+        handle.write((("\n" if torn else "") + json.dumps(record) + "\n").encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
 
 
+@dataclass
+class JsonlChunk:
+    records: list[dict[str, Any]]
+    end: int  # byte offset after the last complete line: where the next read starts
+    bad: list[str]  # "path line N: why" for each complete line that is not a JSON object
+    lines: int  # complete lines read (for numbering the next chunk's lines)
+
+
+def read_jsonl_from(path: Path, offset: int = 0, first_line: int = 1) -> JsonlChunk:
+    """The complete lines of `path` from byte `offset` on. A last line without its newline is
+    still being written (or was cut short by a crash): it is left for the next read, not parsed.
+    Complete lines that are not JSON objects are skipped and named in `bad`."""
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    records, bad = [], []
+    lines = complete.splitlines()
+    for number, line in enumerate(lines, first_line):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:  # also bad UTF-8
+            bad.append(f"{path} line {number}: not JSON ({exc})")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(f"{path} line {number}: expected a JSON object, found {type(record).__name__}")
+    return JsonlChunk(records, offset + len(complete), bad, len(lines))
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Every complete, readable record; skipped lines are counted in a warning naming them."""
+    chunk = read_jsonl_from(path)
+    unfinished = os.path.getsize(path) > chunk.end
+    if chunk.bad or unfinished:
+        log.warning(
+            "%s: skipped %d unreadable line(s)%s: %s", path, len(chunk.bad) + unfinished,
+            " (the last one unfinished: cut short by a crash?)" if unfinished else "", "; ".join(chunk.bad) or "-",
+        )
+    return chunk.records
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -4,7 +4,8 @@ Flower 1.42 starts a fresh ClientApp process for every message; importing torch 
 4-bit 8B model each round costs more than the round's training. `fedtune supernode -- ARGS`
 runs `flower-supernode ARGS` and a trainer process as children; the trainer serves a Unix socket
 in a 0700 directory (only this node's user can reach it; the peer's uid is checked too). A
-trainer that dies is restarted; a round it was running falls back to in-process training. The ClientApp finds the socket through
+trainer that dies or stops answering is restarted (see _Watchdog); a round it was running falls
+back to in-process training. The ClientApp finds the socket through
 `FEDTUNE_TRAINER_SOCKET`, which every process under the SuperNode inherits, and hands it the
 round. torch is imported on the first request only, so an idle node stays small, and the
 ClientApp side needs only numpy (arrays travel as safetensors-numpy). When the
@@ -16,6 +17,7 @@ Wire format, both directions: u64 length + JSON header, u64 length + safetensors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +32,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from app.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -53,48 +57,73 @@ def _recv_exact(conn: socket.socket, size: int) -> bytes:
 
 
 def send_message(conn: socket.socket, header: dict[str, Any], tensors: dict | None = None) -> None:
-    import numpy as np  # here, not at the top: the SuperNode wrapper imports this module too
-    from safetensors.numpy import save
+    payload = b""
+    if tensors:  # imported here, not at the top: the SuperNode wrapper (pings only) stays small
+        import numpy as np
+        from safetensors.numpy import save
 
-    payload = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}) if tensors else b""
+        payload = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
     head = json.dumps(header).encode()
     conn.sendall(_LEN.pack(len(head)) + head + _LEN.pack(len(payload)))
-    conn.sendall(payload)
+    if payload:  # an empty send after a quick reply (a ping's) would meet a closed peer: EPIPE
+        conn.sendall(payload)
 
 
 def recv_message(conn: socket.socket) -> tuple[dict[str, Any], dict]:
-    from safetensors.numpy import load
-
     header = json.loads(_recv_exact(conn, _LEN.unpack(_recv_exact(conn, _LEN.size))[0]))
     size = _LEN.unpack(_recv_exact(conn, _LEN.size))[0]
-    return header, (load(_recv_exact(conn, size)) if size else {})
+    if not size:
+        return header, {}
+    from safetensors.numpy import load
+
+    return header, load(_recv_exact(conn, size))
 
 
 # --- client side (inside the ClientApp process) -------------------------------------------
 
 
-def call_trainer(path: str, header: dict[str, Any], tensors: dict | None, connect_timeout: float):
-    """Send one request; TrainerUnavailable if the trainer cannot be reached or dies mid-way."""
+def call_trainer(path: str, header: dict[str, Any], tensors: dict | None, connect_timeout: float, read_timeout: float | None = None):
+    """Send one request; TrainerUnavailable if the trainer cannot be reached, dies mid-way, is
+    busy, or does not answer within `read_timeout` s (a hung trainer: the wrapper's watchdog
+    kills it; the caller trains in-process meanwhile). The trainer learns the deadline too."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(connect_timeout)
         conn.connect(path)
-        conn.settimeout(None)  # a round takes as long as it takes
-        send_message(conn, header, tensors)
+        conn.settimeout(read_timeout)
+        send_message(conn, dict(header, timeout=read_timeout), tensors)
         reply, reply_tensors = recv_message(conn)
     except OSError as exc:  # ConnectionError, FileNotFoundError, timeouts
         raise TrainerUnavailable(f"resident trainer at {path}: {exc}") from exc
     finally:
         conn.close()
+    if reply.get("unavailable"):
+        raise TrainerUnavailable(f"resident trainer at {path}: {reply['unavailable']}")
     if "error" in reply:
         raise RuntimeError(f"resident trainer failed: {reply['error']}")
     return reply, reply_tensors
+
+
+def request_timeout(settings, op: str) -> float:
+    """Seconds a resident trainer may take for one request before it counts as hung: loading the
+    model (`trainer.load-seconds`, also paid by the first round of a restarted trainer) plus,
+    for a round, `trainer.step-seconds` per optimizer step (max-steps x gradient-accumulation).
+    Both defaults are several times the measured figures (BENCHMARKS.md), so only a trainer that
+    stopped making progress reaches them."""
+    if op != "train":
+        return settings.trainer.load_seconds
+    args = settings.train.training_arguments
+    return settings.trainer.load_seconds + args.max_steps * args.gradient_accumulation_steps * settings.trainer.step_seconds
 
 
 # --- server side (the resident process) ---------------------------------------------------
 
 
 class TrainerServer:
+    """Serves one work request (init, train) at a time, each in its own thread, and answers
+    `ping` at once even while one runs: the SuperNode wrapper's watchdog asks whether it is
+    alive and whether the running request is past the deadline its ClientApp gave it."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -103,19 +132,26 @@ class TrainerServer:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         os.chmod(path, 0o600)
-        self._sock.listen(4)
+        self._sock.listen(8)
+        # Wake up twice a second: a Python signal handler runs only when the main thread runs
+        # bytecode, and a blocking accept() may never return (torch's threads can take the signal).
+        self._sock.settimeout(0.5)
         self._worker = None  # created (torch imported) on the first request
         self._stopping = threading.Event()
+        self._work = threading.Lock()
+        self._busy: tuple[float, float | None] | None = None  # (started, timeout) of the running request
         self._device_reported = False
 
     def serve_forever(self) -> None:
         while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 break  # closed by stop()
-            with conn:
-                self._handle(conn)
+            conn.settimeout(None)
+            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -125,6 +161,10 @@ class TrainerServer:
             pass
         self._sock.close()
 
+    def _serve_connection(self, conn: socket.socket) -> None:
+        with conn:
+            self._handle(conn)
+
     def _handle(self, conn: socket.socket) -> None:
         uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
         if uid != os.getuid():
@@ -132,15 +172,35 @@ class TrainerServer:
             return
         try:
             header, tensors = recv_message(conn)
-            reply, reply_tensors = self._dispatch(header, tensors)
-            self._report_device()
-        except Exception as exc:  # report to the ClientApp, keep serving
-            log.exception("resident trainer request failed")
-            reply, reply_tensors = {"error": f"{type(exc).__name__}: {exc}"}, None
+        except (OSError, ValueError) as exc:
+            log.warning("unreadable trainer request: %s", exc)
+            return
+        if header.get("op") == "ping":
+            reply, reply_tensors = self._health(), None
+        elif not self._work.acquire(blocking=False):
+            reply, reply_tensors = {"unavailable": f"busy with another request for {time.monotonic() - self._busy[0]:.0f} s"}, None
+        else:
+            self._busy = (time.monotonic(), header.get("timeout"))
+            try:
+                reply, reply_tensors = self._dispatch(header, tensors)
+                self._report_device()
+            except Exception as exc:  # report to the ClientApp, keep serving
+                log.exception("resident trainer request failed")
+                reply, reply_tensors = {"error": f"{type(exc).__name__}: {exc}"}, None
+            finally:
+                self._busy = None
+                self._work.release()
         try:
             send_message(conn, reply, reply_tensors)
         except OSError as exc:
             log.warning("could not reply to the ClientApp: %s", exc)
+
+    def _health(self) -> dict[str, Any]:
+        busy = self._busy
+        if busy is None:
+            return {"ok": True, "busy_seconds": 0.0, "overdue": False}
+        elapsed, timeout = time.monotonic() - busy[0], busy[1]
+        return {"ok": True, "busy_seconds": elapsed, "overdue": timeout is not None and elapsed > timeout + OVERDUE_GRACE_SECONDS}
 
     def _report_device(self) -> None:
         """Once, after the first request put the model on its device: the physical GPU this
@@ -173,31 +233,118 @@ class TrainerServer:
 
 
 TRAINER_START_SECONDS = 60.0
+# Watchdog (in the SuperNode wrapper): ping the trainer every WATCHDOG_SECONDS; kill and restart
+# it when PING_MISSES pings in a row get no answer within PING_TIMEOUT_SECONDS (it hangs so hard
+# that its ping thread cannot run), or when its running request is OVERDUE_GRACE_SECONDS past the
+# deadline its ClientApp gave it (request_timeout; the ClientApp has given up and trains in-process).
+WATCHDOG_SECONDS = 10.0
+PING_TIMEOUT_SECONDS = 20.0
+PING_MISSES = 3
+OVERDUE_GRACE_SECONDS = 30.0
+RESTART_RETRY_SECONDS = 30.0  # after a failed restart; rounds train in-process meanwhile
+SUPERNODE_STOP_SECONDS = 15.0  # flower-supernode's grace after a forwarded stop signal
 
 
 def serve(socket_path: str) -> None:
-    """The resident trainer process: serve `socket_path` until SIGTERM."""
+    """The resident trainer process: serve `socket_path` until SIGTERM, which ends it at once,
+    also in the middle of a round (its ClientApp then trains in-process)."""
     server = TrainerServer(Path(socket_path))
-    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+
+    def stop(*_):
+        server.stop()
+        with contextlib.suppress(OSError):
+            os.unlink(socket_path)
+        os._exit(0)  # not sys.exit: a round running in another thread would keep the process alive
+
+    signal.signal(signal.SIGTERM, stop)
     server.serve_forever()
 
 
 def _start_trainer(socket_path: str) -> subprocess.Popen:
-    """A trainer process, returned once its socket accepts connections."""
+    """A trainer process, returned once it answers a ping; one that does not is killed."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a dead predecessor's: wait for the new one's
-    trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", socket_path])
+    # SIGKILL when the wrapper dies, even by SIGKILL: an orphaned trainer holds its GPU memory.
+    trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", socket_path], preexec_fn=die_with_parent(signal.SIGKILL))
     deadline = time.monotonic() + TRAINER_START_SECONDS
-    while not os.path.exists(socket_path):
-        if trainer.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"resident trainer did not start (exit code {trainer.poll()}); socket {socket_path}")
+    while not _answers(socket_path):
+        if (code := trainer.poll()) is not None or time.monotonic() > deadline:
+            _kill(trainer)
+            why = f"exited with code {code}" if code is not None else f"did not answer within {TRAINER_START_SECONDS:.0f} s (killed)"
+            raise RuntimeError(f"resident trainer {why} while starting; socket {socket_path}")
         time.sleep(0.05)
     return trainer
 
 
+def _answers(socket_path: str) -> dict[str, Any] | None:
+    """The trainer's health reply, or None if it does not answer in time."""
+    try:
+        reply, _ = call_trainer(socket_path, {"op": "ping"}, None, PING_TIMEOUT_SECONDS, PING_TIMEOUT_SECONDS)
+    except (TrainerUnavailable, RuntimeError):
+        return None
+    return reply
+
+
+def _kill(proc: subprocess.Popen, grace: float = 0.0) -> None:
+    if proc.poll() is None and grace:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+class _Watchdog:
+    """Keeps one trainer process alive and answering; see WATCHDOG_SECONDS."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.trainer: subprocess.Popen | None = _start_trainer(socket_path)
+        self.misses, self.next_check = 0, time.monotonic() + WATCHDOG_SECONDS
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.trainer is not None and self.trainer.poll() is not None:
+            self._restart(f"resident trainer exited with code {self.trainer.returncode}")
+            return
+        if now < self.next_check:
+            return
+        self.next_check = now + WATCHDOG_SECONDS
+        if self.trainer is None:
+            self._restart("no resident trainer (its restart failed)")
+            return
+        health = _answers(self.socket_path)
+        self.misses = 0 if health else self.misses + 1
+        if self.misses >= PING_MISSES:
+            self._restart(f"resident trainer did not answer {PING_MISSES} pings within {PING_TIMEOUT_SECONDS:.0f} s each")
+        elif health and health["overdue"]:
+            self._restart(f"resident trainer busy for {health['busy_seconds']:.0f} s, past its request's deadline")
+
+    def _restart(self, why: str) -> None:
+        _say(f"{why}; restarting it")
+        if self.trainer is not None:
+            _kill(self.trainer)
+        self.trainer, self.misses = None, 0
+        try:
+            self.trainer = _start_trainer(self.socket_path)
+        except RuntimeError as exc:  # rounds train in-process until a later attempt works
+            _say(f"{exc}; retrying in {RESTART_RETRY_SECONDS:.0f} s, rounds train in-process meanwhile")
+            self.next_check = time.monotonic() + RESTART_RETRY_SECONDS
+
+    def stop(self) -> None:
+        if self.trainer is not None:
+            _kill(self.trainer, grace=10)
+
+
+def _say(message: str) -> None:
+    log.warning(message)
+    print(f"fedtune: {message}", file=sys.stderr, flush=True)
+
+
 def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int:
     """Run `flower-supernode flower_args` with a resident trainer process beside it; restart the
-    trainer if it dies (its ClientApp meanwhile trains in-process); stop both together."""
+    trainer if it dies or hangs (its ClientApp meanwhile trains in-process); stop both together."""
     # Before torch is imported here or in a ClientApp child: several trainers sharing one GPU
     # must not strand memory in fragments (the 3.5 GiB logits change size every step).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -209,28 +356,30 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    trainer = _start_trainer(socket_path)
-    env = dict(os.environ, **{SOCKET_ENV: socket_path})
-    child = subprocess.Popen(["flower-supernode", *flower_args], env=env)
-
-    def forward(signum, _frame):
-        child.send_signal(signum)
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, forward)
+    watchdog = _Watchdog(socket_path)
+    child = None
     try:
+        env = dict(os.environ, **{SOCKET_ENV: socket_path})
+        # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
+        child = subprocess.Popen(["flower-supernode", *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
+
+        stop_requested: list[float] = []
+
+        def forward(signum, _frame):
+            child.send_signal(signum)
+            stop_requested.append(time.monotonic())
+
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, forward)
         while (code := child.poll()) is None:
-            if trainer.poll() is not None:
-                log.warning("resident trainer exited with code %s; restarting it", trainer.returncode)
-                print(f"fedtune: resident trainer exited with code {trainer.returncode}; restarting it", file=sys.stderr, flush=True)
-                trainer = _start_trainer(socket_path)
+            if stop_requested and time.monotonic() - stop_requested[0] > SUPERNODE_STOP_SECONDS:
+                child.kill()  # it ignored the signal: nobody else may be left to kill it (launcher gone)
+            watchdog.check()
             time.sleep(0.5)
     finally:
-        trainer.terminate()
-        try:
-            trainer.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            trainer.kill()
+        if child is not None:  # also when the wrapper itself fails: never leave the SuperNode behind
+            _kill(child, grace=10)
+        watchdog.stop()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
         elif os.path.exists(socket_path):

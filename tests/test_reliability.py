@@ -488,3 +488,14 @@ def test_a_superlink_restart_during_push_or_pull_fails_the_attempt_not_the_run(t
     [record] = _metrics(run_main(Restarting(NAMES, config, fake_client), run_id=121))
     assert record["status"] == "aggregated" and record["attempts"] == 2
     assert all(f["attempt"] == 0 and "not delivered (ObjectPushError" in f["reason"] for f in record["failed"])
+
+
+def test_resume_after_a_crash_that_cut_a_metrics_line_short(checkpoint_run, fast_init, caplog):
+    config, peft = checkpoint_run
+    metrics = peft.parent / "metrics.jsonl"
+    with open(metrics, "a") as handle:
+        handle.write('{"round": 2, "status": "aggr')  # killed while writing round 2's line
+    run = run_main(InMemoryGrid(NAMES, dict(config, **{"resume-from": str(peft)}), fake_client), run_id=93)
+    assert [r["round"] for r in _metrics(run)] == [1, 2, 3]
+    assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
+    assert f"{metrics}: skipped 1 unreadable line(s) (the last one unfinished" in caplog.text

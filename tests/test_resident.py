@@ -1,3 +1,4 @@
+import contextlib
 import os
 import socket
 import stat
@@ -10,6 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
+import app.trainer_service as trainer_service
 from app.trainer_service import SOCKET_ENV, TrainerServer, TrainerUnavailable, call_trainer, run_supernode
 from app.worker import NodeData, RoundWorker, TrainRequest
 
@@ -113,13 +115,35 @@ def test_wrapper_restarts_a_dead_trainer(tmp_path):
                 break
             time.sleep(0.2)
         assert found, "the trainer was not restarted"
-        with pytest.raises(RuntimeError, match="unknown trainer op 'ping'"):  # served by the new process
-            call_trainer(str(socket_path), {"op": "ping"}, None, 5.0)
+        with pytest.raises(RuntimeError, match="unknown trainer op 'bogus'"):  # served by the new process
+            call_trainer(str(socket_path), {"op": "bogus"}, None, 5.0)
     finally:
         (tmp_path / "stop").write_text("")
         _, err = wrapper.communicate(timeout=60)
     assert wrapper.returncode == 0 and "resident trainer exited with code -9; restarting it" in err
     assert not socket_path.exists() and not _trainers(psutil.Process())
+
+
+def test_a_sigkilled_wrapper_takes_its_trainer_and_supernode_down(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flower-supernode"
+    fake.write_text("#!/bin/sh\nexec sleep 100000\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    wrapper = subprocess.Popen([sys.executable, "-m", "app.cli", "supernode", "--trainer-socket", str(tmp_path / "t.sock"), "--", "--insecure"], env=env)
+    children = []
+    try:
+        _wait_for(lambda: len(psutil.Process(wrapper.pid).children()) == 2 and _trainers(psutil.Process(wrapper.pid)), 60)
+        children = psutil.Process(wrapper.pid).children()
+        wrapper.kill()  # the OOM killer: the wrapper runs no cleanup
+        wrapper.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        for proc in children:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
 
 def _train_message(initial: dict):
@@ -192,3 +216,208 @@ def test_fedtune_command_line_imports_no_torch():
     code = code.replace("build_parser(sys.argv[1])", "build_parser()")  # every command (help)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "torch" not in done.stdout and "transformers" not in done.stdout
+
+
+def _silent_trainer(path):
+    """A "trainer" that takes requests and never answers (hung)."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()) for _ in range(4)], daemon=True).start()
+    return listener
+
+
+def test_a_hung_trainer_times_out_and_the_round_trains_in_process(tmp_path, monkeypatch):
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import app.client_app as client_app
+    from app import comm
+
+    path = tmp_path / "hung.sock"
+    listener = _silent_trainer(path)
+    started = time.monotonic()
+    with pytest.raises(TrainerUnavailable, match="timed out"):
+        call_trainer(str(path), {"op": "init", "run_config": RUN_CONFIG}, None, 1.0, 1.0)
+    assert time.monotonic() - started < 5
+
+    # The ClientApp's deadline: trainer.load-seconds + steps x trainer.step-seconds (4 steps in tiny).
+    run_config = dict(RUN_CONFIG, **{"trainer.load-seconds": 1.0, "trainer.step-seconds": 0.25})
+    monkeypatch.setenv(SOCKET_ENV, str(path))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    initial = RoundWorker().initial_adapter(RUN_CONFIG)
+    config = ConfigRecord({"server-round": 1, "lr": 0.05, "proximal-mu": 0.01})
+    msg = Message(RecordDict({"arrays": comm.encode(initial, "float32"), "config": config}), dst_node_id=7, message_type="train")
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3, "num-partitions": 20}, state=RecordDict(), run_config=run_config)
+    reply = client_app.train(msg, context)
+    listener.close()
+    assert not reply.has_error() and reply.content["metrics"]["resident"] == 0.0 and reply.content["metrics"]["num-examples"] > 0
+
+
+def test_request_deadline_scales_with_the_round():
+    from app.config import load_settings
+
+    settings = load_settings({"profile": "tiny", "train.training-arguments.max-steps": 10,
+                              "train.training-arguments.gradient-accumulation-steps": 2})
+    assert trainer_service.request_timeout(settings, "train") == settings.trainer.load_seconds + 20 * settings.trainer.step_seconds
+    assert trainer_service.request_timeout(settings, "init") == settings.trainer.load_seconds
+
+
+@pytest.fixture
+def wrapper_in_this_process(tmp_path, monkeypatch):
+    """run_supernode in this (main) thread beside a fake flower-supernode that runs until
+    `stop` exists; a quick watchdog. Yields (run, stop file, ready); restores signal handlers."""
+    import signal as signal_module
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stop = tmp_path / "stop"
+    (bin_dir / "flower-supernode").write_text(f"#!/bin/sh\nwhile [ ! -f {stop} ]; do sleep 0.1; done\nexit 0\n")
+    (bin_dir / "flower-supernode").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    for name, value in {"WATCHDOG_SECONDS": 0.5, "PING_TIMEOUT_SECONDS": 1.0, "PING_MISSES": 2, "RESTART_RETRY_SECONDS": 0.5}.items():
+        monkeypatch.setattr(trainer_service, name, value)
+    handlers = {s: signal_module.getsignal(s) for s in (signal_module.SIGTERM, signal_module.SIGINT, signal_module.SIGHUP)}
+    path = str(tmp_path / "run" / "t.sock")
+
+    def ready():  # the wrapper's trainer, once it answers
+        return trainer_service._answers(path) and _trainers(psutil.Process())
+
+    yield (lambda: run_supernode(["--insecure"], path)), stop, ready
+    stop.write_text("")
+    for s, handler in handlers.items():
+        signal_module.signal(s, handler)
+
+
+def _in_background(steps, stop):
+    """Run `steps` in a thread while the wrapper runs here; always let the wrapper end."""
+    errors = []
+
+    def body():
+        try:
+            steps()
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+        finally:
+            stop.write_text("")
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, errors
+
+
+def _ended(proc: psutil.Process) -> bool:  # without reaping it: that is its parent's (the wrapper's) business
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _live_trainers():
+    live = []
+    for proc in _trainers(psutil.Process()):
+        with contextlib.suppress(psutil.Error):  # gone meanwhile
+            if proc.status() != psutil.STATUS_STOPPED:
+                live.append(proc)
+    return live
+
+
+def _wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return value
+
+
+def test_watchdog_kills_and_restarts_a_hung_trainer(wrapper_in_this_process, capfd):
+    import signal as signal_module
+
+    run, stop, ready = wrapper_in_this_process
+
+    def steps():
+        [first] = _wait_for(ready, 60)
+        first.send_signal(signal_module.SIGSTOP)  # hangs so hard it cannot even answer a ping
+        _wait_for(lambda: _ended(first), 30)
+        [second] = _wait_for(_live_trainers, 60)
+        assert second.pid != first.pid
+
+    thread, errors = _in_background(steps, stop)
+    assert run() == 0
+    thread.join()
+    assert not errors, errors
+    assert "resident trainer did not answer 2 pings within 1 s each; restarting it" in capfd.readouterr().err
+    assert not _trainers(psutil.Process())
+
+
+def test_a_failed_trainer_restart_leaks_nothing_and_the_node_keeps_running(wrapper_in_this_process, capfd):
+    run, stop, ready = wrapper_in_this_process
+    supernode_alive = []
+
+    def steps():
+        [first] = _wait_for(ready, 60)
+        trainer_service.TRAINER_START_SECONDS = 0  # every restart from now on times out (restored below)
+        first.kill()
+        err = []
+        _wait_for(lambda: err.append(capfd.readouterr().err) or "rounds train in-process meanwhile" in "".join(err), 30)
+        time.sleep(1.5)  # more failed attempts, each must clean up after itself
+        assert not _trainers(psutil.Process())
+        supernode_alive.append(any("flower-supernode" in " ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)))
+
+    start_seconds = trainer_service.TRAINER_START_SECONDS
+    thread, errors = _in_background(steps, stop)
+    try:
+        assert run() == 0
+    finally:
+        trainer_service.TRAINER_START_SECONDS = start_seconds
+    thread.join()
+    assert not errors, errors
+    assert supernode_alive == [True] and not psutil.Process().children(recursive=True)
+
+
+def test_trainer_exits_promptly_on_sigterm_even_mid_round(tmp_path):
+    import signal as signal_module
+
+    path = tmp_path / "t.sock"
+    trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", str(path)])
+    try:
+        _wait_for(path.exists, 60)
+        long_round = dict(_train_header(1), run_config=dict(RUN_CONFIG, **{"train.training-arguments.max-steps": 100000}))
+        initial = RoundWorker().initial_adapter(RUN_CONFIG)
+        threading.Thread(target=lambda: pytest.raises(TrainerUnavailable, call_trainer, str(path), long_round, initial, 5.0), daemon=True).start()
+        _wait_for(lambda: psutil.Process(trainer.pid).cpu_times().user > 5, 120)  # loading, then training
+        trainer.send_signal(signal_module.SIGTERM)
+        trainer.wait(timeout=5)
+    finally:
+        trainer.kill()
+
+
+def test_ping_is_answered_mid_round_and_reports_a_round_past_its_deadline(server, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(server, "_dispatch", lambda header, tensors: (release.wait(30), ({"ok": True}, None))[1])
+    monkeypatch.setattr(trainer_service, "OVERDUE_GRACE_SECONDS", 0.0)
+    worker = threading.Thread(target=pytest.raises, args=(TrainerUnavailable, call_trainer, str(server.path), {"op": "train"}, None, 5.0, 1.0),
+                              daemon=True)  # its ClientApp gives up after 1 s
+    worker.start()
+    _wait_for(lambda: call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["busy_seconds"] > 0, 10)
+    assert call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["overdue"] is False
+    with pytest.raises(TrainerUnavailable, match="busy with another request"):  # one round at a time
+        call_trainer(str(server.path), {"op": "train"}, None, 1.0, 1.0)
+    _wait_for(lambda: call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["overdue"], 10)
+    release.set()
+    worker.join(timeout=10)
+
+
+def test_watchdog_restarts_a_trainer_whose_round_is_overdue(tmp_path, monkeypatch, capfd):
+    watchdog = trainer_service._Watchdog(str(tmp_path / "t.sock"))
+    try:
+        first = watchdog.trainer
+        monkeypatch.setattr(trainer_service, "_answers", lambda path: {"ok": True, "busy_seconds": 2000.0, "overdue": True})
+        watchdog.next_check = 0
+        watchdog.check()
+        assert first.poll() is not None and watchdog.trainer.poll() is None
+        assert "resident trainer busy for 2000 s, past its request's deadline; restarting it" in capfd.readouterr().err
+    finally:
+        watchdog.stop()

@@ -20,10 +20,13 @@ import time
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ConfigError, load_settings, parse_overrides, with_explicit_keys
+from app.lifeline import die_with_parent
+from app.report import read_jsonl_from
 from app.run_eval import add_eval_options
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
@@ -43,6 +46,10 @@ class LaunchError(RuntimeError):
 
 
 def free_port() -> int:
+    """A port free now. Flower binds its ports itself (no inherited socket), so another process
+    may take it before Flower binds it: start_superlink and SuperNode restarts (a fresh port each
+    start) detect that and draw again. What remains: a port taken between a SuperLink's crash
+    and its restart on the same port (the nodes know that address) ends in a crash loop."""
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -96,19 +103,24 @@ class Federation:
 
     log_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    commands: dict[str, tuple[list[str], dict[str, str]]] = field(default_factory=dict)
+    # name -> (command maker, env): each (re)start makes the command anew (a SuperNode draws a new port)
+    commands: dict[str, tuple[Callable[[], list[str]], dict[str, str]]] = field(default_factory=dict)
     started: dict[str, float] = field(default_factory=dict)
     restarts: dict[str, int] = field(default_factory=dict)
     quick_failures: dict[str, int] = field(default_factory=dict)
     pending: dict[str, float] = field(default_factory=dict)  # name -> when to restart it
 
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+    def start(self, name: str, command: list[str] | Callable[[], list[str]], env: dict[str, str]) -> None:
+        make = command if callable(command) else lambda: command
         log = open(self.log_dir / f"{name}.log", "ab")
+        # Own session: a terminal's Ctrl-C reaches the launcher only, which stops them in order.
+        # SIGTERM when the launcher dies, even by SIGKILL (OOM killer), so nothing is orphaned.
         self.processes[name] = subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            make(), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM),
         )
         log.close()
-        self.commands[name], self.started[name] = (command, env), time.monotonic()
+        self.commands[name], self.started[name] = (make, env), time.monotonic()
 
     def check(self, essential: tuple[str, ...], out=None) -> None:
         """Raise if an essential component exited; restart any other (SuperLink, SuperNode) that
@@ -175,18 +187,58 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def _raise_on_sigterm() -> None:
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # SIGHUP: the SSH session dropped
+
+
+def _raise_on_stop_signals() -> dict[int, Any]:
+    """The first Ctrl-C, SIGTERM or SIGHUP stops the federation; later ones are ignored, so
+    they cannot break off the stop half-way and leave processes behind. Returns the handlers
+    it replaced."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
     def handler(signum, _frame):
+        _ignore_stop_signals()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signal.signal(signal.SIGTERM, handler)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    return previous
+
+
+def _ignore_stop_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def start_superlink(federation: Federation, command: Callable[[int], list[str]], env: dict[str, str], attempts: int = 5,
+                    timeout: float = 120.0) -> int:
+    """Start the SuperLink on a free port and return the port once it listens there; if another
+    process took the port first (Flower binds it itself), try another one."""
+    import psutil
+
+    for _ in range(attempts):
+        port = free_port()
+        federation.start("superlink", command(port), env)
+        proc, deadline = federation.processes["superlink"], time.monotonic() + timeout
+        while proc.poll() is None and time.monotonic() < deadline:
+            with suppress(psutil.Error):
+                if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in psutil.Process(proc.pid).net_connections("tcp")):
+                    return port
+            time.sleep(0.2)
+        log = federation.tail("superlink")
+        if proc.poll() is None:
+            raise LaunchError(f"superlink did not listen on port {port} within {timeout:.0f} s; see {federation.log_dir / 'superlink.log'}:\n{log}")
+        if "already in use" not in log:
+            raise LaunchError(f"superlink exited with code {proc.returncode}; see {federation.log_dir / 'superlink.log'}:\n{log}")
+        print(f"superlink: port {port} was taken by another process; trying another", flush=True)
+    raise LaunchError(f"superlink: {attempts} free ports were taken before it could bind them")
 
 
 def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=None) -> str:
     """Print one line per finished round until the run ends; return its final status."""
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     metrics = run_dir / "metrics.jsonl"
-    shown, unreachable_since = 0, None
+    offset, lines_read, skipped, unreachable_since = 0, 0, 0, None
     while True:
         if federation:
             federation.check(essential)
@@ -199,20 +251,28 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
                 raise LaunchError(f"SuperLink unreachable for {SUPERLINK_PATIENCE:.0f} s: {exc}") from None
             status = "unknown"
         if metrics.exists():
-            lines = metrics.read_text().splitlines()
-            for line in lines[shown:]:
-                r = json.loads(line)
-                loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
-                print(
-                    f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
-                    f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
-                    f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s",
-                    file=out, flush=True,
-                )
-            shown = len(lines)
+            chunk = read_jsonl_from(metrics, offset, lines_read + 1)
+            offset, lines_read = chunk.end, lines_read + chunk.lines
+            for problem in chunk.bad:
+                skipped += 1
+                print(f"warning: skipped {problem} ({skipped} skipped so far)", file=out, flush=True)
+            for r in chunk.records:
+                print(_round_line(r, metrics), file=out, flush=True)
         if status.startswith("finished"):
+            if metrics.exists() and metrics.stat().st_size > offset:
+                print(f"warning: skipped {metrics}'s unfinished last line (line {lines_read + 1})", file=out, flush=True)
             return status
         time.sleep(POLL_SECONDS)
+
+
+def _round_line(r: dict[str, Any], metrics: Path) -> str:
+    try:
+        loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
+        return (f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
+                f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
+                f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s")
+    except (KeyError, TypeError, ValueError) as exc:  # a record of another version, or edited by hand
+        return f"round {r.get('round', '?')}: (record in {metrics} lacks or mistypes a field: {type(exc).__name__}: {exc})"
 
 
 def submit(env: dict[str, str], run_config: dict[str, Any], app_dir: Path = APP_DIR) -> str:
@@ -287,28 +347,29 @@ def local_up(args) -> int:
     results = Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     # Flower state, CLI config and logs of this launch; every process gets FLWR_HOME inside it.
-    work = results / ".local" / time.strftime("%Y%m%d-%H%M%S")
+    # A fresh directory per launch (mkdtemp): two launches in one second share nothing.
+    (results / ".local").mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=results / ".local"))
     log_dir = work / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir()
     env = flower_env(work / "flwr-home")
-    port = free_port()
-    address = f"127.0.0.1:{port}"
     paths = None if args.insecure else ensure_certs(work / "certs", ["127.0.0.1"], num_supernodes=args.supernodes)
     security = _INSECURE if paths is None else _secure(paths)
-    write_cli_config(work / "flwr-home", address, security["root"])
     federation = Federation(log_dir)
     # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
     # the SuperExec holds the ServerApp: if it dies the run is lost (resume-from continues it).
     essential = ("superexec",)
-    _raise_on_sigterm()
+    previous_handlers = _raise_on_stop_signals()
     status, run_dir = "not started", None
     try:
-        federation.start(
-            "superlink",
-            ["flower-superlink", *security["superlink"], "--host", "127.0.0.1",
-             "--port", str(port), "--database", str(work / "state.db"), "--disable-runtime-dependency-installation"],
+        port = start_superlink(
+            federation,
+            lambda port: ["flower-superlink", *security["superlink"], "--host", "127.0.0.1", "--port", str(port),
+                          "--database", str(work / "state.db"), "--disable-runtime-dependency-installation"],
             env,
         )
+        address = f"127.0.0.1:{port}"
+        write_cli_config(work / "flwr-home", address, security["root"])
         federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], env)
         for i in range(args.supernodes):
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
@@ -318,9 +379,9 @@ def local_up(args) -> int:
                 register_node(paths, i, env, federation, essential)
             federation.start(
                 f"supernode-{i}",
-                [sys.executable, "-m", "app.cli", "supernode", "--", *security["supernode"](i), "--superlink", address,
-                 "--port", str(free_port()),
-                 "--node-config", f"partition-id={i} num-partitions={settings.dataset.num_partitions}"],
+                lambda i=i: [sys.executable, "-m", "app.cli", "supernode", "--", *security["supernode"](i), "--superlink", address,
+                             "--port", str(free_port()),  # drawn anew at each restart: one taken meanwhile is left behind
+                             "--node-config", f"partition-id={i} num-partitions={settings.dataset.num_partitions}"],
                 node_env,
             )
         print(f"logs: {log_dir}", flush=True)
@@ -334,10 +395,14 @@ def local_up(args) -> int:
         print(f"fedtune: {exc}", file=sys.stderr)
         status = "failed"
     except KeyboardInterrupt:
-        print("fedtune: interrupted; stopping the federation", file=sys.stderr)
         status = "interrupted"
+        with suppress(OSError):  # after SIGHUP the terminal is gone
+            print("fedtune: interrupted; stopping the federation (further signals are ignored)", file=sys.stderr)
     finally:
+        _ignore_stop_signals()
         federation.stop()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
     if status == "finished:completed":  # the federation is down: its GPUs are free for the evaluation
         from app.run_eval import finish_run
 
