@@ -76,7 +76,7 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import safetensors.numpy
 
     monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="no space left on device; the previous checkpoint there, if any, is unchanged"):
         checkpoint.save_adapter(tmp_path / "peft_5", {"base_model.model.x.lora_A.weight": np.zeros((2, 2), dtype=np.float32)}, settings.model)
     assert np.array_equal(checkpoint.load_adapter_tensors(tmp_path / "peft_5")["base_model.model.x.lora_A.weight"], np.ones((2, 2)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["peft_5"]  # no staging left behind
