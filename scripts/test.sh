@@ -19,4 +19,5 @@ if command -v docker >/dev/null && docker info >/dev/null 2>&1 && ! docker compo
   docker/install-compose.sh
 fi
 export FLWR_TELEMETRY_ENABLED=0 PATH="$PWD/.venv/bin:$PATH"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
+# -rs: every skipped test is listed with its reason (FEDTUNE_REQUIRE_DOCKER=1 turns Docker skips into failures)
+exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" tests
