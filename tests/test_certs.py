@@ -70,7 +70,7 @@ def test_server_certificate_has_sans_and_chains_to_ca(generated):
 
 
 def test_private_files_are_0600_and_public_ones_0644(generated):
-    private = [generated.ca_key, generated.server_key, generated.superexec_secret,
+    private = [generated.ca_key, generated.server_key, generated.edge_key, generated.superexec_secret,
                *(p for i in range(2) for p in (generated.supernode_key(i), generated.runtime_key(i)))]
     for path in generated.all_files():
         assert path.stat().st_mode & 0o777 == (0o600 if path in private else 0o644), path
@@ -164,7 +164,7 @@ def test_expired_certificate_is_refused_and_shown(tmp_path, capsys):
         ensure_certs(tmp_path, ["superlink"], num_supernodes=1)
     assert show(tmp_path) == 1
     captured = capsys.readouterr()
-    assert captured.out.count("(EXPIRED)") == 3  # CA, SuperLink, SuperNode 0 Runtime API
+    assert captured.out.count("(EXPIRED)") == 4  # CA, SuperLink, edge, SuperNode 0 Runtime API
     assert "expired" in captured.err
     assert _load(paths.server_cert).not_valid_after_utc <= dt.datetime.now(dt.timezone.utc)
 

@@ -5,6 +5,8 @@ certs/README.md):
 
     ca.crt, ca.key                  our CA; every client verifies its server against ca.crt
     superlink.crt, superlink.key    the SuperLink's one HTTPS port (Fleet, Control, Runtime APIs)
+    edge.crt, edge.key              the TLS edge at a coordinating site: what remote sites dial;
+                                    it forwards the Fleet API only (docker/edge-nginx.conf)
     superexec.secret                shared secret of a Runtime API and its SuperExec (process isolation)
     supernode-<i>.key, .pub         SuperNode i's ECDSA P-384 authentication key pair, OpenSSH
                                     format: what `flower-supernode --auth-supernode-private-key`
@@ -13,6 +15,9 @@ certs/README.md):
 
 Private keys and the secret are mode 0600, written to a temporary file and then linked into
 place, so an existing file is never replaced unless `force` is given.
+
+`service_files` says which of these files each service may hold (one definition for the compose
+generator's mounts and the stack's `certs` service, which copies each service its own set).
 """
 
 from __future__ import annotations
@@ -69,6 +74,14 @@ class CertPaths:
         return self.directory / "superlink.key"
 
     @property
+    def edge_cert(self) -> Path:
+        return self.directory / "edge.crt"
+
+    @property
+    def edge_key(self) -> Path:
+        return self.directory / "edge.key"
+
+    @property
     def superexec_secret(self) -> Path:
         return self.directory / "superexec.secret"
 
@@ -89,18 +102,59 @@ class CertPaths:
 
     def all_files(self) -> list[Path]:
         nodes = [p for i in range(self.num_supernodes) for p in self.node_files(i)]
-        return [self.ca_key, self.ca_cert, self.server_key, self.server_cert, self.superexec_secret, *nodes]
+        return [self.ca_key, self.ca_cert, self.server_key, self.server_cert, self.edge_key, self.edge_cert,
+                self.superexec_secret, *nodes]
+
+
+# The services that hold certificate material, and what each needs (the issuer alone holds ca.key).
+SERVICES = ("superlink", "edge", "serverapp", "register", "run", "supernode")
+
+
+def service_files(service: str, paths: CertPaths, node_index: int | None = None) -> list[Path]:
+    """The files `service` needs, and the only ones it is given: ca.key goes nowhere, node keys
+    only to their own SuperNode, the SuperExec secret only to the SuperLink and its SuperExec."""
+    if service == "superlink":
+        return [paths.ca_cert, paths.server_cert, paths.server_key, paths.superexec_secret]
+    if service == "edge":
+        return [paths.ca_cert, paths.edge_cert, paths.edge_key]
+    if service == "serverapp":
+        return [paths.ca_cert, paths.superexec_secret]
+    if service == "register":
+        return [paths.ca_cert, *(paths.supernode_pub(i) for i in range(paths.num_supernodes))]
+    if service == "run":
+        return [paths.ca_cert]
+    if service == "supernode":
+        if node_index is None:
+            raise ValueError("service 'supernode' needs node_index")
+        return [paths.ca_cert, paths.supernode_key(node_index), paths.runtime_cert(node_index), paths.runtime_key(node_index)]
+    raise ValueError(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
+
+
+def export_service_files(paths: CertPaths, service: str, target: Path, node_index: int | None = None,
+                         owner: tuple[int, int] | None = None) -> list[Path]:
+    """Copy `service`'s files from the issuer's directory into `target` (its own volume), each
+    written atomically with its mode (keys and secret 0600) and, as root, chowned to `owner`.
+    Copies are replaced, so a re-issued certificate reaches every service on the next start."""
+    written = []
+    for source in service_files(service, paths, node_index):
+        private = source.suffix in (".key", ".secret")
+        dest = target / source.name
+        _write(dest, source.read_bytes(), private=private, force=True, owner=owner)
+        written.append(dest)
+    return written
 
 
 # ---------------------------------------------------------------------------- writing
 
 
-def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
+def _write(path: Path, data: bytes, private: bool, force: bool, owner: tuple[int, int] | None = None) -> None:
     """Write atomically; without `force`, fail rather than replace an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         os.fchmod(fd, 0o600 if private else 0o644)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -294,6 +348,7 @@ def init_certs(
         raise CertError(f"refusing to overwrite {', '.join(existing[:3])}{more} (use --force to replace them all)")
     ca_key, ca_cert = _make_ca(paths, days, force)
     _make_server(paths.server_cert, paths.server_key, ca_key, ca_cert, _names(sans), days, force)
+    _make_server(paths.edge_cert, paths.edge_key, ca_key, ca_cert, _names(sans), days, force)
     _make_secret(paths, force)
     for i in range(num_supernodes):
         _make_node_key(paths, i, force)
@@ -334,6 +389,7 @@ def ensure_certs(
         _make_server(cert, key, ca_key, ca_cert, names, days, force=False)
 
     server(paths.server_cert, paths.server_key, _names(sans))
+    server(paths.edge_cert, paths.edge_key, _names(sans))
     if not paths.superexec_secret.exists():
         _make_secret(paths, force=False)
     elif not paths.superexec_secret.read_bytes():
@@ -480,6 +536,6 @@ def _init(args) -> int:
     except CertError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {paths.directory}: ca.crt, superlink.crt (SANs {', '.join(_names(sans))}), superexec.secret, "
+    print(f"wrote {paths.directory}: ca.crt, superlink.crt and edge.crt (SANs {', '.join(_names(sans))}), superexec.secret, "
           f"{args.supernodes} SuperNode key pair(s) and Runtime API certificate(s); private keys and secret mode 0600")
     return 0
