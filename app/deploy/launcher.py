@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ConfigError, load_settings, parse_overrides
+from app.read_policy import READ_DIRS_ENV, run_reads
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
@@ -283,9 +285,15 @@ def local_up(args) -> int:
     log_dir = work / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     env = flower_env(work / "flwr-home")
+    # a local launch is its own site: its nodes may read what its command line names
+    env[READ_DIRS_ENV] = os.pathsep.join([*(str(Path(v).expanduser().resolve().parent) for _, v in run_reads(settings)),
+                                          os.environ.get(READ_DIRS_ENV, "")])
     port = free_port()
     address = f"127.0.0.1:{port}"
-    paths = None if args.insecure else ensure_certs(work / "certs", ["127.0.0.1"], num_supernodes=args.supernodes)
+    # Keys live outside the results directory, which users archive and share: a private (0700)
+    # directory of their own, removed on exit unless --keep-keys.
+    keys = None if args.insecure else Path(tempfile.mkdtemp(prefix="fedtune-keys-"))
+    paths = None if keys is None else ensure_certs(keys, ["127.0.0.1"], num_supernodes=args.supernodes)
     security = _INSECURE if paths is None else _secure(paths)
     write_cli_config(work / "flwr-home", address, security["root"])
     federation = Federation(log_dir)
@@ -330,6 +338,10 @@ def local_up(args) -> int:
         status = "interrupted"
     finally:
         federation.stop()
+        if keys is not None and args.keep_keys:
+            print(f"keys kept in {keys} (private; remove them when done)", flush=True)
+        elif keys is not None:
+            shutil.rmtree(keys, ignore_errors=True)
     return 0 if status == "finished:completed" else 1
 
 
@@ -406,6 +418,7 @@ def register(subparsers) -> None:
     up.add_argument("--gpus", default="", help="comma-separated GPU ids; node i uses GPU i mod G")
     up.add_argument("--data", help="local dataset file (json, jsonl or parquet) to partition")
     up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning); both are on by default")
+    up.add_argument("--keep-keys", action="store_true", help="keep this launch's CA and keys (a private temporary directory) after exit")
     up.set_defaults(func=local_up)
 
     run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")
