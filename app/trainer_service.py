@@ -209,8 +209,11 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from app.fab_allowlist import ClientAppGate
+
+    gate = ClientAppGate.install()  # only bundles the site approved get installed (app/fab_allowlist.py)
     trainer = _start_trainer(socket_path)
-    env = dict(os.environ, **{SOCKET_ENV: socket_path})
+    env = dict(os.environ, **{SOCKET_ENV: socket_path}, **gate.env)
     child = subprocess.Popen(["flower-supernode", *flower_args], env=env)
 
     def forward(signum, _frame):
@@ -231,6 +234,7 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
             trainer.wait(timeout=10)
         except subprocess.TimeoutExpired:
             trainer.kill()
+        gate.close()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
         elif os.path.exists(socket_path):
