@@ -11,7 +11,12 @@ certs/README.md):
     supernode-<i>.key, .pub         SuperNode i's ECDSA P-384 authentication key pair, OpenSSH
                                     format: what `flower-supernode --auth-supernode-private-key`
                                     and `flwr supernode register` load
-    supernode-<i>-runtime.crt, .key SuperNode i's own Runtime API (its SuperExec and ClientApps)
+    supernode-<i>-runtime.crt, .key SuperNode i's own Runtime API (its SuperExec and ClientApps):
+                                    self-signed, its own trust anchor; the CA has no part in it
+
+A site makes its SuperNode's files itself (`fedtune certs site-init`) and hands over only
+supernode-<i>.pub, which the coordinator registers; `init --supernodes N` makes them centrally
+for a single-host deployment.
 
 Private keys and the secret are mode 0600, written to a temporary file and then linked into
 place, so an existing file is never replaced unless `force` is given.
@@ -229,6 +234,27 @@ def _make_server(cert_path: Path, key_path: Path, ca_key, ca_cert: x509.Certific
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
 
 
+def _make_runtime(paths: CertPaths, index: int, names: list[str], days: int, force: bool) -> None:
+    """SuperNode `index`'s Runtime API certificate, self-signed: only the node's own SuperExec and
+    ClientApps connect to it, and they trust exactly this certificate (flower_tls_args)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(paths.runtime_key(index), _pem_key(key), private=True, force=force)
+    _write(paths.runtime_cert(index), cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
+
+
 def _make_secret(paths: CertPaths, force: bool) -> None:
     # flwr reads the file as exact raw bytes: no trailing newline for an editor to drop or add.
     _write(paths.superexec_secret, secrets.token_urlsafe(32).encode("ascii"), private=True, force=force)
@@ -352,7 +378,21 @@ def init_certs(
     _make_secret(paths, force)
     for i in range(num_supernodes):
         _make_node_key(paths, i, force)
-        _make_server(paths.runtime_cert(i), paths.runtime_key(i), ca_key, ca_cert, _node_names(node_sans, i), days, force)
+        _make_runtime(paths, i, _node_names(node_sans, i), days, force)
+    return paths
+
+
+def site_init(directory: Path, index: int, days: int = 365, force: bool = False, node_sans: Sequence[str] = NODE_SANS) -> CertPaths:
+    """A site's own SuperNode files, made where they are used: the authentication key pair and
+    the Runtime API certificate. Only supernode-<index>.pub leaves the site (the coordinator
+    registers it); the site also needs the coordinator's ca.crt, which is public."""
+    paths = CertPaths(Path(directory))
+    files = [paths.supernode_key(index), paths.supernode_pub(index), paths.runtime_key(index), paths.runtime_cert(index)]
+    existing = [str(p) for p in files if p.exists()]
+    if existing and not force:
+        raise CertError(f"refusing to overwrite {', '.join(existing)} (use --force to replace them)")
+    _make_node_key(paths, index, force)
+    _make_runtime(paths, index, _node_names(node_sans, index), days, force)
     return paths
 
 
@@ -399,7 +439,11 @@ def ensure_certs(
             _check_node_key(paths, i)
         else:
             _make_node_key(paths, i, force=paths.supernode_pub(i).exists())  # a .pub without its key is useless
-        server(paths.runtime_cert(i), paths.runtime_key(i), _node_names(node_sans, i))
+        runtime = paths.runtime_cert(i)
+        if runtime.exists() or paths.runtime_key(i).exists():  # self-signed: its own issuer
+            _check_server(runtime, paths.runtime_key(i), _load_cert(runtime), runtime, _node_names(node_sans, i))
+        else:
+            _make_runtime(paths, i, _node_names(node_sans, i), days, force=False)
     return paths
 
 
@@ -430,7 +474,8 @@ def flower_tls_args(role: str, paths: CertPaths, node_index: int | None = None, 
             raise ValueError("role 'supernode' needs node_index")
         return ["--root-certificates", ca, "--auth-supernode-private-key", str(paths.supernode_key(node_index)),
                 "--ssl-certfile", str(paths.runtime_cert(node_index)), "--ssl-keyfile", str(paths.runtime_key(node_index)),
-                "--ssl-ca-certfile", ca, "--isolation", isolation, *with_secret]
+                # its SuperExec and ClientApps trust the node's own self-signed certificate only
+                "--ssl-ca-certfile", str(paths.runtime_cert(node_index)), "--isolation", isolation, *with_secret]
     raise ValueError(f"unknown role {role!r}; expected superlink, superexec-serverapp, supernode or superexec-clientapp")
 
 
@@ -516,6 +561,13 @@ def register(subparsers) -> None:
     init.add_argument("--days", type=int, default=365)
     init.add_argument("--force", action="store_true", help="replace existing files (new CA: hand out ca.crt and keys again)")
     init.set_defaults(func=_init)
+    site = certs.add_parser("site-init", help="at a site: make this SuperNode's key pair and Runtime API certificate")
+    site.add_argument("--dir", default="certs/site")
+    site.add_argument("--index", type=int, required=True, help="this site's partition id i (files supernode-<i>.*)")
+    site.add_argument("--node-san", action="append", default=[], help="name of the Runtime API, {i} replaced (default supernode-{i})")
+    site.add_argument("--days", type=int, default=365)
+    site.add_argument("--force", action="store_true", help="replace existing files (then register the new .pub)")
+    site.set_defaults(func=_site_init)
     show_cmd = certs.add_parser("show", help="print subjects, SANs, fingerprints and expiry")
     show_cmd.add_argument("--dir", default="certs/generated")
     show_cmd.set_defaults(func=lambda args: show(Path(args.dir)))
@@ -538,4 +590,20 @@ def _init(args) -> int:
         return 2
     print(f"wrote {paths.directory}: ca.crt, superlink.crt and edge.crt (SANs {', '.join(_names(sans))}), superexec.secret, "
           f"{args.supernodes} SuperNode key pair(s) and Runtime API certificate(s); private keys and secret mode 0600")
+    return 0
+
+
+def _site_init(args) -> int:
+    if args.days < 1 or args.index < 0:
+        print("fedtune: --days must be >= 1 and --index >= 0", file=sys.stderr)
+        return 2
+    try:
+        paths = site_init(Path(args.dir), args.index, args.days, args.force, args.node_san or NODE_SANS)
+    except CertError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 2
+    pub = paths.supernode_pub(args.index)
+    print(f"wrote {paths.directory}: supernode-{args.index}.key and supernode-{args.index}-runtime.key (private, mode 0600; "
+          f"they never leave this machine), supernode-{args.index}-runtime.crt and {pub.name}\n"
+          f"send {pub} ({_ssh_fingerprint(pub.read_bytes())}) to the coordinator; get its ca.crt into {paths.directory}")
     return 0
