@@ -180,8 +180,9 @@ def _certs_mounts(spec: StackSpec, paths, service: str, index: int | str | None 
 
 def _certs_service(spec: StackSpec) -> dict[str, Any]:
     """Issues the certificates (ca.key stays in its `certs-issuer` volume, mounted nowhere else)
-    and copies each service its own files. It runs as root, without network and with no
-    capability but CHOWN, to hand each copy to the containers' user."""
+    and copies each service its own files. It runs as root, without network, with only the
+    capabilities to write into volumes that Docker may already have given to the containers'
+    user (DAC_OVERRIDE) and to hand each copy to that user (CHOWN)."""
     holders = _certs_holders(spec)
     return {
         "image": APP,
@@ -191,7 +192,7 @@ def _certs_service(spec: StackSpec) -> dict[str, Any]:
         "network_mode": "none",
         "user": "0:0",
         "cap_drop": ["ALL"],
-        "cap_add": ["CHOWN"],
+        "cap_add": ["CHOWN", "DAC_OVERRIDE"],
         "volumes": [f"certs-issuer:{ISSUER}",
                     *(f"{_certs_volume(s, i)}:{EXPORT}/{_certs_volume(s, i).removeprefix('certs-')}" for s, i in holders)],
     }
