@@ -9,9 +9,9 @@ outright, so it cannot be used here.
 
 So the site checks the bundle itself, in code the site controls: `fedtune supernode` puts a
 `flwr-clientapp` of its own first on the SuperNode's PATH. It runs flwr's ClientApp process with
-one step added: before the bundle is installed, the SHA-256 of its bytes must be in the
-allowlist: the bundle built from this installation's own app (the image's) plus any hashes the
-site lists in FEDTUNE_ALLOWED_FABS. Anything else is refused with an error reply to the server,
+one step added: before the bundle is installed, the SHA-256 of its bytes must be the hash of the
+bundle built from this installation's own app (the image's) or one the site lists in
+FEDTUNE_ALLOWED_FABS. Anything else is refused with an error reply to the server,
 before a single file of it is unpacked, let alone imported.
 """
 
@@ -47,17 +47,30 @@ def own_fab_sha256() -> str:
     return fab_sha256(build_fab_from_disk(APP_ROOT))
 
 
-def site_allowlist() -> set[str]:
-    """This installation's own bundle plus FEDTUNE_ALLOWED_FABS; a malformed entry is an error."""
-    extra = [h for h in re.split(r"[\s,]+", os.environ.get(ALLOWED_FABS_ENV, "").strip().lower()) if h]
-    bad = [h for h in extra if not _SHA256.fullmatch(h)]
+def site_approved() -> list[str]:
+    """The hashes in FEDTUNE_ALLOWED_FABS; a malformed entry is an error naming it."""
+    listed = [h for h in re.split(r"[\s,]+", os.environ.get(ALLOWED_FABS_ENV, "").strip().lower()) if h]
+    bad = [h for h in listed if not _SHA256.fullmatch(h)]
     if bad:
         raise ValueError(f"{ALLOWED_FABS_ENV}: {bad[0]!r} is not a SHA-256 (64 hex digits)")
-    return {own_fab_sha256(), *extra}
+    return listed
 
 
-def gated_clientapp(allowed: set[str]) -> None:
-    """flwr's `flwr-clientapp`, with the bundle checked against `allowed` before it is installed."""
+def _own_fab_sha256_cached(cache: Path) -> str:
+    """own_fab_sha256, computed by the first ClientApp of this SuperNode and kept in its private
+    gate directory (the wrapper itself stays small: it never imports flwr)."""
+    if cache.exists():
+        return cache.read_text().strip()
+    digest = own_fab_sha256()
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(digest)
+    os.replace(tmp, cache)
+    return digest
+
+
+def gated_clientapp(site_listed: set[str], own_hash_cache: Path) -> None:
+    """flwr's `flwr-clientapp`, with the bundle checked before it is installed: its SHA-256 must
+    be this installation's own app or one the site listed."""
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
     from flwr.supernode.runtime import run_clientapp
 
@@ -67,7 +80,7 @@ def gated_clientapp(allowed: set[str]) -> None:
 
     def checked_install(fab_content: bytes, *args, **kwargs):
         digest = fab_sha256(fab_content)
-        if digest not in allowed:
+        if digest not in site_listed and digest != _own_fab_sha256_cached(own_hash_cache):
             raise FabRefused(f"app bundle sha256 {digest} is not approved by this site "
                              f"(approved: this node's own app and {ALLOWED_FABS_ENV})")
         return install(fab_content, *args, **kwargs)
@@ -85,16 +98,17 @@ class ClientAppGate:
 
     @classmethod
     def install(cls) -> ClientAppGate:
-        allowed = site_allowlist()
+        listed = site_approved()
         directory = Path(tempfile.mkdtemp(prefix="fedtune-clientapp-"))  # 0700: only this node's user
         shim = directory / "flwr-clientapp"
         shim.write_text(
             f"#!{sys.executable}\n"
             "# written by `fedtune supernode` (app/fab_allowlist.py): flwr-clientapp with the site's bundle allowlist\n"
             "import sys\n"
+            "from pathlib import Path\n"
             f"sys.path.insert(0, {str(APP_ROOT)!r})\n"
             "from app.fab_allowlist import gated_clientapp\n"
-            f"gated_clientapp(set({sorted(allowed)!r}))\n"
+            f"gated_clientapp(set({listed!r}), Path({str(directory / 'own-app.sha256')!r}))\n"
         )
         shim.chmod(0o700)
         path = os.pathsep.join([str(directory), os.environ.get("PATH", "")])

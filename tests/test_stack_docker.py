@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -260,12 +261,32 @@ def test_two_hosts_reach_the_superlink_only_through_the_edge(images, tmp_path):
 
     tls_name, sites = "superlink.fedtune.test", 2
     certs, results = tmp_path / "certs", tmp_path / "results"
-    for d in (certs, results):
-        d.mkdir()
-        d.chmod(0o777)  # written by the containers' user
-    # the coordinator's own services dial the SuperLink by its service name, the sites dial the edge by tls_name
+
+    def host(command: str) -> None:  # a step of docs/docker.md run on the host, as root (sudo there)
+        done = subprocess.run(["sh", "-c", command], capture_output=True, text=True)
+        assert done.returncode == 0, f"{command}: {done.stderr}"
+
+    # docs/docker.md, "Across machines", step 1 (coordinator), as written: the coordinator's own
+    # services dial the SuperLink by its service name, the sites dial the edge by tls_name
+    host(f"install -d -o {UID} -g {UID} -m 0700 {certs} && install -d -o {UID} -g {UID} -m 0755 {results}")
     _as_app_user(["fedtune", "certs", "init", "--dir", "/certs", "--san", "superlink", "--san", tls_name,
-                  "--supernodes", str(sites)], {str(certs): "/certs"})
+                  "--supernodes", "0"], {str(certs): "/certs"})
+    host(f"cat {certs}/ca.crt > {tmp_path}/ca.crt")
+    site_dirs = []
+    for i in range(sites):  # step 2, at each site: its own keys; only the .pub goes out, only ca.crt comes in
+        site_dir = tmp_path / f"site-{i}"
+        host(f"install -d -o {UID} -g {UID} -m 0700 {site_dir}")
+        _as_app_user(["fedtune", "certs", "site-init", "--dir", "/certs", "--index", str(i)], {str(site_dir): "/certs"})
+        host(f"cat {site_dir}/supernode-{i}.pub > {tmp_path}/supernode-{i}.pub "
+             f"&& install -o {UID} -g {UID} -m 0644 {tmp_path}/ca.crt {site_dir}/ca.crt")
+        # step 3, at the coordinator: register the site's public key
+        host(f"install -o {UID} -g {UID} -m 0644 {tmp_path}/supernode-{i}.pub {certs}/supernode-{i}.pub")
+        site_dirs.append(site_dir)
+    # private keys stayed where they were made
+    assert not list(certs.glob("supernode-*.key")) and not list(certs.glob("supernode-*-runtime.*"))
+    for i, site_dir in enumerate(site_dirs):
+        assert sorted(p.name for p in site_dir.iterdir()) == [
+            "ca.crt", f"supernode-{i}-runtime.crt", f"supernode-{i}-runtime.key", f"supernode-{i}.key", f"supernode-{i}.pub"]
     # the host as the sites' containers see it (`host-gateway`, docker0's address): the edge's
     # port is published there only, so nothing outside this machine can reach it
     gateway = CLIENT.containers.run(app_image(), ["getent", "hosts", "host.docker.internal"], remove=True,
@@ -280,12 +301,7 @@ def test_two_hosts_reach_the_superlink_only_through_the_edge(images, tmp_path):
     coordinator_file.write_text(render_compose(coordinator))
     stacks = [Stack(coordinator_file, coordinator.name, env={
         "FEDTUNE_CERTS_DIR": str(certs), "FEDTUNE_RESULTS": str(results), "FEDTUNE_CONTROL_PUBLISH": "127.0.0.1:"})]
-    for i in range(sites):
-        site_certs = tmp_path / f"site-{i}"
-        site_certs.mkdir()
-        site_certs.chmod(0o777)
-        _as_app_user(["sh", "-c", f"cp /certs/ca.crt /certs/supernode-{i}.key /certs/supernode-{i}-runtime.* /site/"],
-                     {str(certs): "/certs", str(site_certs): "/site"})
+    for i, site_certs in enumerate(site_dirs):
         site = compose_spec(StackSpec(role="site", nodes=sites, profile="tiny", no_gpu=True, name=f"fedtune-test-site-{i}"))
         site["services"]["supernode"]["extra_hosts"] = [f"{tls_name}:host-gateway"]
         site_file = tmp_path / f"compose.site-{i}.yaml"
@@ -350,5 +366,8 @@ def test_two_hosts_reach_the_superlink_only_through_the_edge(images, tmp_path):
     assert len(run_dirs) == 1
     rounds = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2] and all(r["failures"] == 0 for r in rounds)
+    # written by uid 10001, readable by the host user who loads them
+    for path in [run_dirs[0], *run_dirs[0].rglob("*")]:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
     for stack in stacks:
         assert stack.leftovers() == {"containers": [], "networks": [], "volumes": []}
