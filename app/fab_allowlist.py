@@ -86,6 +86,11 @@ def gated_clientapp(site_listed: set[str], own_hash_cache: Path) -> None:
         return install(fab_content, *args, **kwargs)
 
     run_clientapp.install_from_fab = checked_install
+    # the bundle's own modules come from where flwr installs it, not from the ones the shim imported
+    for name in [m for m in sys.modules if m == "app" or m.startswith("app.")]:
+        del sys.modules[name]
+    if str(APP_ROOT) in sys.path:
+        sys.path.remove(str(APP_ROOT))
     flwr_clientapp()
 
 
