@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.config import ModelSettings
+from app.report import share_like_new_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -81,8 +82,10 @@ def save_adapter(
                 (staging / RUN_STATE).write_text(json.dumps(run_state, indent=2), encoding="utf-8")
                 names.append(RUN_STATE)
             for name in names:
+                share_like_new_files(staging / name)  # safetensors writes 0600
                 with open(staging / name, "rb") as handle:
                     os.fsync(handle.fileno())
+            share_like_new_files(staging, directory=True)  # mkdtemp made it 0700
             _fsync_dir(staging)
         except (OSError, SafetensorError) as exc:  # a full disk, a quota, an I/O error: name what failed
             raise _write_error(directory, exc) from exc

@@ -16,6 +16,21 @@ MIB = 1024**2
 PLOT_NAME = "training.png"
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, racing other threads)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    return 0o022
+
+
+def share_like_new_files(path: Path, directory: bool = False) -> None:
+    """Give a file or directory made by tempfile (always 0600 / 0700) the mode a plain open() or
+    mkdir() would have under the caller's umask (0644 / 0755 by default), so that whoever may
+    read the results directory can load what is in it (README: `PeftModel.from_pretrained`)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a+b") as handle:
         # A line cut short by a crash or a full disk: start on a fresh line, so only that record is lost.
@@ -76,6 +91,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         json.dump(data, tmp, indent=2)
         tmp.flush()
         os.fsync(tmp.fileno())
+    share_like_new_files(Path(tmp.name))
     os.replace(tmp.name, path)
 
 
@@ -102,4 +118,5 @@ def plot_run(rounds: list[dict[str, Any]], path: Path) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    share_like_new_files(Path(tmp.name))
     os.replace(tmp.name, path)

@@ -356,10 +356,13 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    from app.fab_allowlist import ClientAppGate
+
+    gate = ClientAppGate.install()  # only bundles the site approved get installed (app/fab_allowlist.py)
     watchdog = _Watchdog(socket_path)
     child = None
     try:
-        env = dict(os.environ, **{SOCKET_ENV: socket_path})
+        env = dict(os.environ, **{SOCKET_ENV: socket_path}, **gate.env)
         # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
         child = subprocess.Popen(["flower-supernode", *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
 
@@ -380,6 +383,7 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         if child is not None:  # also when the wrapper itself fails: never leave the SuperNode behind
             _kill(child, grace=10)
         watchdog.stop()
+        gate.close()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
         elif os.path.exists(socket_path):

@@ -15,6 +15,7 @@ import numpy as np
 
 from app.config import Settings, load_settings
 from app.gpu_monitor import GpuMonitor
+from app.read_policy import check_run_reads
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class RoundWorker:
         from app.model import adapter_state
 
         settings = load_settings(run_config)
+        check_run_reads(settings)
         if not self._pristine:
             self._model_key = None  # the resident model has trained since: rebuild it
         return _to_numpy(adapter_state(self._ensure_model(settings)))
@@ -108,6 +110,7 @@ class RoundWorker:
 
         started = time.perf_counter()
         settings = load_settings(request.run_config)
+        check_run_reads(settings)
         model = self._ensure_model(settings)
         examples = self._ensure_examples(settings, request.node)
         load_adapter_state(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_adapter.items()})

@@ -11,13 +11,15 @@
 # the tag exists, unless --force.
 #
 # Environment: BASE_TAG (default fedtune-base:bookworm-py3.11), MIRROR, SUITE (default bookworm),
-# WORKDIR (scratch space; default a temporary directory, removed afterwards).
+# PACKAGES (comma-separated; default python3,python3-venv,python3-pip,ca-certificates; the edge's
+# base is BASE_TAG=fedtune-edge-base:bookworm PACKAGES=nginx-light), WORKDIR (scratch space;
+# default a temporary directory, removed afterwards).
 set -euo pipefail
 
 BASE_TAG=${BASE_TAG:-fedtune-base:bookworm-py3.11}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 SUITE=${SUITE:-bookworm}
-PACKAGES=python3,python3-venv,python3-pip,ca-certificates
+PACKAGES=${PACKAGES:-python3,python3-venv,python3-pip,ca-certificates}
 force=0
 for arg in "$@"; do
   case "$arg" in
@@ -55,12 +57,16 @@ rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/var/log/*
   "$root"/etc/hostname "$root"/etc/machine-id
 : >"$root/etc/machine-id"
 printf 'deb %s %s main\n' "$MIRROR" "$SUITE" >"$root/etc/apt/sources.list"
-python_version=$(chroot "$root" python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')
+if [ -x "$root/usr/bin/python3" ]; then
+  about="python $(chroot "$root" python3 -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])')"
+else
+  about="no python"
+fi
 
 tar -C "$root" --numeric-owner -c . | docker import \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'ENV LANG=C.UTF-8' \
   --change 'CMD ["python3"]' \
-  --message "debian $SUITE minbase + $PACKAGES (python $python_version) by fedtune docker/build-offline-base.sh" \
+  --message "debian $SUITE minbase + $PACKAGES ($about) by fedtune docker/build-offline-base.sh" \
   - "$BASE_TAG" >/dev/null
-echo "built $BASE_TAG (Debian $SUITE, python $python_version): $(docker image inspect -f '{{.Size}}' "$BASE_TAG" | awk '{printf "%.0f MB", $1/1e6}')"
+echo "built $BASE_TAG (Debian $SUITE, $about): $(docker image inspect -f '{{.Size}}' "$BASE_TAG" | awk '{printf "%.0f MB", $1/1e6}')"

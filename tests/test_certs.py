@@ -17,6 +17,7 @@ from cryptography.x509 import verification
 
 from app.deploy.certs import (
     CertError,
+    CertPaths,
     ensure_certs,
     flower_tls_args,
     flwr_cli_config,
@@ -62,15 +63,17 @@ def test_server_certificate_has_sans_and_chains_to_ca(generated):
     other = init_certs(generated.directory.parent / "other-ca", ["superlink"])
     with pytest.raises(verification.VerificationError):
         _verify_as_tls_client(other.ca_cert, generated.server_cert, "superlink")
-    # each SuperNode's Runtime API certificate: its own name and loopback
-    _verify_as_tls_client(generated.ca_cert, generated.runtime_cert(1), "supernode-1")
-    _verify_as_tls_client(generated.ca_cert, generated.runtime_cert(1), "127.0.0.1")
-    with pytest.raises(verification.VerificationError):
-        _verify_as_tls_client(generated.ca_cert, generated.runtime_cert(1), "supernode-0")
+    # each SuperNode's Runtime API certificate: self-signed (its own SuperExec trusts exactly it,
+    # the CA has no part), its own name and loopback
+    runtime = _load(generated.runtime_cert(1))
+    assert runtime.issuer == runtime.subject and runtime.issuer != _load(generated.ca_cert).subject
+    runtime.verify_directly_issued_by(runtime)
+    sans = runtime.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["supernode-1", "localhost"]
 
 
 def test_private_files_are_0600_and_public_ones_0644(generated):
-    private = [generated.ca_key, generated.server_key, generated.superexec_secret,
+    private = [generated.ca_key, generated.server_key, generated.edge_key, generated.superexec_secret,
                *(p for i in range(2) for p in (generated.supernode_key(i), generated.runtime_key(i)))]
     for path in generated.all_files():
         assert path.stat().st_mode & 0o777 == (0o600 if path in private else 0o644), path
@@ -134,7 +137,7 @@ def test_ensure_is_idempotent_and_fills_in_what_is_missing(tmp_path):
     assert now["superexec.secret"] != first["superexec.secret"]
     assert {k: v for k, v in now.items() if k in first and k != "superexec.secret"} == {k: v for k, v in first.items() if k != "superexec.secret"}
     assert more.supernode_key(2).exists() and more.runtime_cert(2).exists()
-    _verify_as_tls_client(more.ca_cert, more.runtime_cert(2), "supernode-2")
+    _load(more.runtime_cert(2)).verify_directly_issued_by(_load(more.runtime_cert(2)))
 
 
 def test_ensure_refuses_invalid_material_without_touching_it(tmp_path):
@@ -164,7 +167,7 @@ def test_expired_certificate_is_refused_and_shown(tmp_path, capsys):
         ensure_certs(tmp_path, ["superlink"], num_supernodes=1)
     assert show(tmp_path) == 1
     captured = capsys.readouterr()
-    assert captured.out.count("(EXPIRED)") == 3  # CA, SuperLink, SuperNode 0 Runtime API
+    assert captured.out.count("(EXPIRED)") == 4  # CA, SuperLink, edge, SuperNode 0 Runtime API
     assert "expired" in captured.err
     assert _load(paths.server_cert).not_valid_after_utc <= dt.datetime.now(dt.timezone.utc)
 
@@ -197,6 +200,7 @@ def test_role_args_parse_with_the_installed_flower(generated):
     node = _parse_args_run_supernode().parse_args(flower_tls_args("supernode", generated, 1))
     assert node.auth_supernode_private_key == str(generated.supernode_key(1)) and node.root_certificates == str(generated.ca_cert)
     assert node.ssl_certfile == str(generated.runtime_cert(1)) and not node.insecure
+    assert node.ssl_ca_certfile == str(generated.runtime_cert(1))  # trusts its own Runtime API certificate only
     execs = superexec_parser().parse_args([*flower_tls_args("superexec-serverapp", generated), "--runtime-api-address", "x:1"])
     assert execs.root_certificates == str(generated.ca_cert) and execs.superexec_auth_secret_file == str(generated.superexec_secret)
     with pytest.raises(ValueError, match="node_index"):
@@ -315,3 +319,23 @@ def test_tls_auth_superlink_refuses_unregistered_plaintext_and_removed_supernode
         for proc in (online, link):
             if proc is not None:
                 _stop(proc)
+
+
+def test_site_init_makes_a_sites_own_files_and_only_the_public_key_is_needed(tmp_path, capsys):
+    """A site makes its key pair and Runtime API certificate itself; the coordinator needs only
+    the .pub (registered as is) and the site only the coordinator's ca.crt."""
+    coordinator = init_certs(tmp_path / "coordinator", ["superlink"], num_supernodes=0)
+    assert not list(coordinator.directory.glob("supernode-*"))
+    assert main(["certs", "site-init", "--dir", str(tmp_path / "site"), "--index", "3"]) == 0
+    site = CertPaths(tmp_path / "site")
+    out = capsys.readouterr().out
+    assert "send " + str(site.supernode_pub(3)) in out and "never leave this machine" in out
+    for path in (site.supernode_key(3), site.runtime_key(3)):
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in site.directory.iterdir()) == [
+        "supernode-3-runtime.crt", "supernode-3-runtime.key", "supernode-3.key", "supernode-3.pub"]
+    # the coordinator keeps its CA and registers the public key it was handed
+    (coordinator.directory / "supernode-3.pub").write_bytes(site.supernode_pub(3).read_bytes())
+    ensure_certs(coordinator.directory, ["superlink"], num_supernodes=0)
+    assert main(["certs", "site-init", "--dir", str(tmp_path / "site"), "--index", "3"]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err

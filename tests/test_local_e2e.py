@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -119,19 +120,20 @@ def test_ctrl_c_stops_everything(tmp_path):
         if "submitted" in line or time.monotonic() > deadline:
             break
     assert any("submitted" in line for line in lines), "".join(lines)
-    assert _our_processes(tmp_path)
+    running = _our_processes(tmp_path)
+    assert running
+    # the running SuperLink's own flags: TLS and SuperNode authentication on, its key outside
+    # the results directory in a private directory of its own
+    [superlink] = [p.cmdline() for p in running if "flower-superlink" in " ".join(p.cmdline()[:2])]
+    assert "--enable-supernode-auth" in superlink, superlink
+    keys = Path(superlink[superlink.index("--ssl-keyfile") + 1]).parent
+    assert not keys.is_relative_to(tmp_path) and stat.S_IMODE(keys.stat().st_mode) == 0o700, keys
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1 and "interrupted" in rest, "".join(lines) + rest
     left = [(p.pid, p.cmdline()) for p in _our_processes(tmp_path)]
     assert left == [], left
-
-
-def flower_superlink_args(results: Path) -> list[str]:
-    from app.deploy.certs import CertPaths, flower_tls_args
-
-    [certs] = results.glob(".local/*/certs")
-    return flower_tls_args("superlink", CertPaths(certs, NODES), isolation="process")
+    assert not keys.exists(), f"{keys} outlived the launch"
 
 
 def _tiny_llama_config() -> dict:
@@ -146,11 +148,22 @@ def test_flower_apis_served_over_tls(finished_run):
     _, _, results, _ = finished_run
     [superlink_log] = results.glob(".local/*/logs/superlink.log")
     assert "running on https://127.0.0.1:" in superlink_log.read_text()
-    [ca_key] = results.glob(".local/*/certs/ca.key")
-    assert ca_key.stat().st_mode & 0o777 == 0o600
-    # SuperNode authentication: every node joined with its own registered key.
-    assert "--enable-supernode-auth" in " ".join(flower_superlink_args(results))
-    assert len(list(results.glob(".local/*/certs/supernode-*.pub"))) == NODES
+    # nothing secret in the results directory: the launch's keys lived elsewhere
+    secrets = [p for p in results.rglob("*") if p.suffix in (".key", ".secret", ".pub") or p.name == "ca.crt"]
+    assert secrets == [], secrets
+
+
+def test_outputs_follow_the_umask(finished_run):
+    """Every output has the mode the launching user's umask gives new files (0644 / 0755 under
+    the usual 0022), not tempfile's 0600 / 0700: the host user loads an adapter the containers'
+    user wrote (README's PeftModel.from_pretrained)."""
+    _, _, _, runs = finished_run
+    umask = os.umask(0)
+    os.umask(umask)
+    run_dir = runs[0]
+    for path in [run_dir, *run_dir.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o777 if path.is_dir() else 0o666) & ~umask, (path, oct(mode))
 
 
 def test_bad_config_is_refused_before_anything_starts(tmp_path):

@@ -12,6 +12,7 @@ import yaml
 
 from app.deploy.certs import CertPaths, flower_tls_args
 from app.deploy.compose import COMMITTED, REPO, StackSpec, compose_spec, render_compose, smoke_spec
+from conftest import docker_missing
 
 
 def _compose_v2() -> bool:
@@ -19,7 +20,10 @@ def _compose_v2() -> bool:
         ["docker", "compose", "version"], capture_output=True).returncode == 0
 
 
-needs_compose = pytest.mark.skipif(not _compose_v2(), reason="Docker Compose v2 missing (docker/install-compose.sh)")
+@pytest.fixture
+def needs_compose():
+    if not _compose_v2():
+        docker_missing("Docker Compose v2 is missing (docker/install-compose.sh)")
 
 
 @pytest.mark.parametrize("name", sorted(COMMITTED))
@@ -44,20 +48,22 @@ def test_generator_nodes_gpus_and_flags():
         assert command[-2:] == ["--node-config", f"partition-id={i} num-partitions=5"]
         assert "--isolation" in command and command[command.index("--isolation") + 1] == "subprocess"
         assert node["restart"] == "on-failure"
-        assert "model-cache:/cache:ro" in node["volumes"] and "certs:/certs:ro" in node["volumes"]
+        assert node["volumes"] == [f"certs-supernode-{i}:/certs:ro", "model-cache:/cache:ro"]
         assert node["depends_on"]["register"]["condition"] == "service_completed_successfully"
     superlink = services["superlink"]
     assert superlink["command"][:len(flower_tls_args("superlink", paths, isolation="process")) + 1] == [
         "flower-superlink", *flower_tls_args("superlink", paths, isolation="process")]
     assert "--health-server-address" in superlink["command"] and "healthcheck" in superlink
-    assert superlink["ports"] == ["${FEDTUNE_SUPERLINK_PUBLISH:-9093}:9093"]  # one port: Fleet + Control
-    assert not any("ports" in s for name, s in services.items() if name != "superlink")
+    # one host: nothing outside it needs the SuperLink, so nothing is published
+    assert not any("ports" in s for s in services.values())
     assert services["serverapp"]["command"][0] == "flower-superexec" and "deploy" not in services["serverapp"]
     run = services["run"]["command"]
     assert run[:2] == ["fedtune", "run"] and run[run.index("--nodes") + 1] == "5"
     assert "dataset.num-partitions=5" in run[run.index("--run-config") + 1]
-    assert services["certs"]["command"][-2:] == ["--supernodes", "5"]
-    assert set(spec["volumes"]) == {"certs", "model-cache", "superlink-state"}
+    certs = services["certs"]["command"]
+    assert certs[certs.index("--supernodes") + 1] == "5"
+    assert set(spec["volumes"]) == {"certs-issuer", "certs-superlink", "certs-serverapp", "certs-register", "certs-run",
+                                    *(f"certs-supernode-{i}" for i in range(5)), "model-cache", "superlink-state"}
 
 
 def test_evaluate_and_report_follow_a_successful_run_and_end_the_stack():
@@ -91,7 +97,7 @@ def test_generator_no_gpu_smoke_variant():
     assert not any("deploy" in s for s in spec["services"].values())
     run = spec["services"]["run"]["command"]
     assert run[run.index("--profile") + 1] == "tiny" and run[run.index("--rounds") + 1] == "2"
-    assert spec["services"]["superlink"]["ports"] == ["127.0.0.1::9093"]
+    assert not any("ports" in s for s in spec["services"].values())
     assert spec["name"] == "fedtune-smoke"
 
 
@@ -101,6 +107,93 @@ def test_generator_rejects_bad_parameters():
     with pytest.raises(ValueError):
         compose_spec(StackSpec(gpus=0))
     assert "deploy" not in compose_spec(StackSpec(nodes=1, gpus=0, no_gpu=True))["services"]["supernode-0"]
+    with pytest.raises(ValueError, match="only --role superlink"):
+        compose_spec(StackSpec(publish="0.0.0.0:9093:9093"))
+
+
+def _mounted_cert_files(spec: dict, certs_dir: Path) -> dict[str, set[str]]:
+    """service -> the certificate files it can read: for a volume, what the `certs` service
+    exports into it (run for real into certs_dir); for bind mounts, each file's name."""
+    import shlex
+    from app.deploy.stack import cmd_certs, register
+
+    services = spec["services"]
+    volume_dirs = {}
+    if "certs" in services:
+        command = services["certs"]["command"]
+        volume_dirs = {v.split(":")[0]: certs_dir / "export" / Path(v.split(":")[1]).name
+                       for v in services["certs"]["volumes"] if v.split(":")[1].startswith("/export/")}
+        for d in volume_dirs.values():
+            d.mkdir(parents=True)
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        register(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(["stack", "certs", "--dir", str(certs_dir / "issuer"), *command[5:command.index("--export")],
+                                  "--export", str(certs_dir / "export")])
+        assert cmd_certs(args) == 0
+    seen = {}
+    for name, service in services.items():
+        files = set()
+        for volume in service.get("volumes", []):
+            if isinstance(volume, dict):
+                assert volume["read_only"] and volume["bind"]["create_host_path"] is False
+                files.add(Path(volume["target"]).name)
+            elif volume.endswith(":/certs:ro"):
+                files |= {p.name for p in volume_dirs[volume.split(":")[0]].iterdir()}
+        if files:
+            seen[name] = files
+    return seen
+
+
+def _needs(nodes: int) -> dict[str, set[str]]:
+    common = {"ca.crt"}
+    return {
+        "superlink": common | {"superlink.crt", "superlink.key", "superexec.secret"},
+        "serverapp": common | {"superexec.secret"},
+        "register": common | {f"supernode-{i}.pub" for i in range(nodes)},
+        "run": common,
+        **{f"supernode-{i}": common | {f"supernode-{i}.key", f"supernode-{i}-runtime.crt", f"supernode-{i}-runtime.key"}
+           for i in range(nodes)},
+    }
+
+
+def test_each_service_holds_only_its_own_certificate_files(tmp_path):
+    """One host: the `certs` service (one-shot, the only holder of ca.key) fills one volume per
+    service; every long-running service reads exactly what it needs, no more."""
+    spec = compose_spec(StackSpec(nodes=3, gpus=1))
+    seen = _mounted_cert_files(spec, tmp_path)
+    assert seen == _needs(3)
+    assert "issuer" not in str([v for n, s in spec["services"].items() if n != "certs" for v in s.get("volumes", [])])
+    for name, files in seen.items():
+        for f in files:
+            mode = (tmp_path / "export" / name / f).stat().st_mode & 0o777
+            assert mode == (0o600 if f.endswith((".key", ".secret")) else 0o644), (name, f, oct(mode))
+
+
+def test_split_services_bind_only_their_own_files():
+    coordinator = _mounted_cert_files(compose_spec(StackSpec(role="superlink", nodes=3)), Path("/nonexistent"))
+    needs = _needs(3)
+    assert coordinator == {"superlink": needs["superlink"], "serverapp": needs["serverapp"], "register": needs["register"],
+                           "run": needs["run"], "edge": {"ca.crt", "edge.crt", "edge.key"}}
+    site = _mounted_cert_files(compose_spec(StackSpec(role="site", nodes=3)), Path("/nonexistent"))
+    p = "${FEDTUNE_PARTITION_ID:?see .env.site.example}"
+    assert site == {"supernode": {"ca.crt", f"supernode-{p}.key", f"supernode-{p}-runtime.crt", f"supernode-{p}-runtime.key"}}
+
+
+def test_only_the_edge_faces_the_sites():
+    """At the coordinating site the edge is the one port for the sites (its address must be
+    given: no silent all-interfaces default); the SuperLink is on the host's loopback only."""
+    services = compose_spec(StackSpec(role="superlink", nodes=3))["services"]
+    published = {name: s["ports"] for name, s in services.items() if "ports" in s}
+    assert published == {"edge": ["${FEDTUNE_EDGE_PUBLISH:?the address the sites dial, e.g. 10.0.0.5:9093 "
+                                  "(.env.superlink.example)}:9093"],
+                         "superlink": ["${FEDTUNE_CONTROL_PUBLISH:-127.0.0.1:9094}:9093"]}
+    conf = (REPO / "docker" / "edge-nginx.conf").read_text()
+    locations = [line.split()[1] for line in conf.splitlines() if line.strip().startswith("location ")]
+    assert locations == ["/v1/fleet/", "/"]
+    assert "proxy_pass https://superlink:9093/v1/fleet/;" in conf and "proxy_ssl_verify on;" in conf
+    assert 'return 403' in conf.split("location / {")[1]
 
 
 def test_rendered_yaml_round_trips():
@@ -109,9 +202,8 @@ def test_rendered_yaml_round_trips():
     assert yaml.safe_load(text) == compose_spec(StackSpec(nodes=4, gpus=2))
 
 
-@needs_compose
 @pytest.mark.parametrize("name", ["compose.yaml", "compose.smoke.yaml"])
-def test_docker_compose_config_accepts_committed_files(name, tmp_path):
+def test_docker_compose_config_accepts_committed_files(name, tmp_path, needs_compose):
     done = subprocess.run(
         ["docker", "compose", "--env-file", "/dev/null", "-f", str(REPO / name), "--project-directory", str(REPO),
          "config", "--format", "json"],
@@ -141,13 +233,17 @@ def _compose_config(name: str, home: Path, **env: str) -> subprocess.CompletedPr
     )
 
 
-@needs_compose
-def test_split_files_are_accepted_and_a_site_needs_its_address_and_partition(tmp_path):
-    coordinator = _compose_config("compose.superlink.yaml", tmp_path, FEDTUNE_CERTS_DIR="/srv/certs")
+def test_split_files_are_accepted_and_a_site_needs_its_address_and_partition(tmp_path, needs_compose):
+    coordinator = _compose_config("compose.superlink.yaml", tmp_path, FEDTUNE_CERTS_DIR="/srv/certs",
+                                  FEDTUNE_EDGE_PUBLISH="10.0.0.5:9093")
     assert coordinator.returncode == 0, coordinator.stderr
     services = json.loads(coordinator.stdout)["services"]
-    assert set(services) == {"superlink", "register", "serverapp", "run"}
-    assert services["superlink"]["volumes"][0]["source"] == "/srv/certs"
+    assert set(services) == {"superlink", "edge", "register", "serverapp", "run"}
+    assert services["superlink"]["volumes"][0]["source"] == "/srv/certs/ca.crt"
+    assert [p["host_ip"] for p in services["superlink"]["ports"]] == ["127.0.0.1"]
+    assert [(p["host_ip"], p["published"]) for p in services["edge"]["ports"]] == [("10.0.0.5", "9093")]
+    unset = _compose_config("compose.superlink.yaml", tmp_path, FEDTUNE_CERTS_DIR="/srv/certs")
+    assert unset.returncode != 0 and "FEDTUNE_EDGE_PUBLISH" in unset.stderr
 
     site = _compose_config("compose.site.yaml", tmp_path, FEDTUNE_SUPERLINK_ADDRESS="superlink.example.org:9093",
                            FEDTUNE_PARTITION_ID="7", FEDTUNE_GPU="3")

@@ -5,14 +5,24 @@ certs/README.md):
 
     ca.crt, ca.key                  our CA; every client verifies its server against ca.crt
     superlink.crt, superlink.key    the SuperLink's one HTTPS port (Fleet, Control, Runtime APIs)
+    edge.crt, edge.key              the TLS edge at a coordinating site: what remote sites dial;
+                                    it forwards the Fleet API only (docker/edge-nginx.conf)
     superexec.secret                shared secret of a Runtime API and its SuperExec (process isolation)
     supernode-<i>.key, .pub         SuperNode i's ECDSA P-384 authentication key pair, OpenSSH
                                     format: what `flower-supernode --auth-supernode-private-key`
                                     and `flwr supernode register` load
-    supernode-<i>-runtime.crt, .key SuperNode i's own Runtime API (its SuperExec and ClientApps)
+    supernode-<i>-runtime.crt, .key SuperNode i's own Runtime API (its SuperExec and ClientApps):
+                                    self-signed, its own trust anchor; the CA has no part in it
+
+A site makes its SuperNode's files itself (`fedtune certs site-init`) and hands over only
+supernode-<i>.pub, which the coordinator registers; `init --supernodes N` makes them centrally
+for a single-host deployment.
 
 Private keys and the secret are mode 0600, written to a temporary file and then linked into
 place, so an existing file is never replaced unless `force` is given.
+
+`service_files` says which of these files each service may hold (one definition for the compose
+generator's mounts and the stack's `certs` service, which copies each service its own set).
 """
 
 from __future__ import annotations
@@ -69,6 +79,14 @@ class CertPaths:
         return self.directory / "superlink.key"
 
     @property
+    def edge_cert(self) -> Path:
+        return self.directory / "edge.crt"
+
+    @property
+    def edge_key(self) -> Path:
+        return self.directory / "edge.key"
+
+    @property
     def superexec_secret(self) -> Path:
         return self.directory / "superexec.secret"
 
@@ -89,18 +107,59 @@ class CertPaths:
 
     def all_files(self) -> list[Path]:
         nodes = [p for i in range(self.num_supernodes) for p in self.node_files(i)]
-        return [self.ca_key, self.ca_cert, self.server_key, self.server_cert, self.superexec_secret, *nodes]
+        return [self.ca_key, self.ca_cert, self.server_key, self.server_cert, self.edge_key, self.edge_cert,
+                self.superexec_secret, *nodes]
+
+
+# The services that hold certificate material, and what each needs (the issuer alone holds ca.key).
+SERVICES = ("superlink", "edge", "serverapp", "register", "run", "supernode")
+
+
+def service_files(service: str, paths: CertPaths, node_index: int | None = None) -> list[Path]:
+    """The files `service` needs, and the only ones it is given: ca.key goes nowhere, node keys
+    only to their own SuperNode, the SuperExec secret only to the SuperLink and its SuperExec."""
+    if service == "superlink":
+        return [paths.ca_cert, paths.server_cert, paths.server_key, paths.superexec_secret]
+    if service == "edge":
+        return [paths.ca_cert, paths.edge_cert, paths.edge_key]
+    if service == "serverapp":
+        return [paths.ca_cert, paths.superexec_secret]
+    if service == "register":
+        return [paths.ca_cert, *(paths.supernode_pub(i) for i in range(paths.num_supernodes))]
+    if service == "run":
+        return [paths.ca_cert]
+    if service == "supernode":
+        if node_index is None:
+            raise ValueError("service 'supernode' needs node_index")
+        return [paths.ca_cert, paths.supernode_key(node_index), paths.runtime_cert(node_index), paths.runtime_key(node_index)]
+    raise ValueError(f"unknown service {service!r}; expected one of {', '.join(SERVICES)}")
+
+
+def export_service_files(paths: CertPaths, service: str, target: Path, node_index: int | None = None,
+                         owner: tuple[int, int] | None = None) -> list[Path]:
+    """Copy `service`'s files from the issuer's directory into `target` (its own volume), each
+    written atomically with its mode (keys and secret 0600) and, as root, chowned to `owner`.
+    Copies are replaced, so a re-issued certificate reaches every service on the next start."""
+    written = []
+    for source in service_files(service, paths, node_index):
+        private = source.suffix in (".key", ".secret")
+        dest = target / source.name
+        _write(dest, source.read_bytes(), private=private, force=True, owner=owner)
+        written.append(dest)
+    return written
 
 
 # ---------------------------------------------------------------------------- writing
 
 
-def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
+def _write(path: Path, data: bytes, private: bool, force: bool, owner: tuple[int, int] | None = None) -> None:
     """Write atomically; without `force`, fail rather than replace an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     try:
         os.fchmod(fd, 0o600 if private else 0o644)
+        if owner is not None:
+            os.fchown(fd, *owner)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -173,6 +232,27 @@ def _make_server(cert_path: Path, key_path: Path, ca_key, ca_cert: x509.Certific
     )
     _write(key_path, _pem_key(key), private=True, force=force)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
+
+
+def _make_runtime(paths: CertPaths, index: int, names: list[str], days: int, force: bool) -> None:
+    """SuperNode `index`'s Runtime API certificate, self-signed: only the node's own SuperExec and
+    ClientApps connect to it, and they trust exactly this certificate (flower_tls_args)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW).not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([_san(n) for n in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write(paths.runtime_key(index), _pem_key(key), private=True, force=force)
+    _write(paths.runtime_cert(index), cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
 
 
 def _make_secret(paths: CertPaths, force: bool) -> None:
@@ -294,10 +374,25 @@ def init_certs(
         raise CertError(f"refusing to overwrite {', '.join(existing[:3])}{more} (use --force to replace them all)")
     ca_key, ca_cert = _make_ca(paths, days, force)
     _make_server(paths.server_cert, paths.server_key, ca_key, ca_cert, _names(sans), days, force)
+    _make_server(paths.edge_cert, paths.edge_key, ca_key, ca_cert, _names(sans), days, force)
     _make_secret(paths, force)
     for i in range(num_supernodes):
         _make_node_key(paths, i, force)
-        _make_server(paths.runtime_cert(i), paths.runtime_key(i), ca_key, ca_cert, _node_names(node_sans, i), days, force)
+        _make_runtime(paths, i, _node_names(node_sans, i), days, force)
+    return paths
+
+
+def site_init(directory: Path, index: int, days: int = 365, force: bool = False, node_sans: Sequence[str] = NODE_SANS) -> CertPaths:
+    """A site's own SuperNode files, made where they are used: the authentication key pair and
+    the Runtime API certificate. Only supernode-<index>.pub leaves the site (the coordinator
+    registers it); the site also needs the coordinator's ca.crt, which is public."""
+    paths = CertPaths(Path(directory))
+    files = [paths.supernode_key(index), paths.supernode_pub(index), paths.runtime_key(index), paths.runtime_cert(index)]
+    existing = [str(p) for p in files if p.exists()]
+    if existing and not force:
+        raise CertError(f"refusing to overwrite {', '.join(existing)} (use --force to replace them)")
+    _make_node_key(paths, index, force)
+    _make_runtime(paths, index, _node_names(node_sans, index), days, force)
     return paths
 
 
@@ -334,6 +429,7 @@ def ensure_certs(
         _make_server(cert, key, ca_key, ca_cert, names, days, force=False)
 
     server(paths.server_cert, paths.server_key, _names(sans))
+    server(paths.edge_cert, paths.edge_key, _names(sans))
     if not paths.superexec_secret.exists():
         _make_secret(paths, force=False)
     elif not paths.superexec_secret.read_bytes():
@@ -343,7 +439,11 @@ def ensure_certs(
             _check_node_key(paths, i)
         else:
             _make_node_key(paths, i, force=paths.supernode_pub(i).exists())  # a .pub without its key is useless
-        server(paths.runtime_cert(i), paths.runtime_key(i), _node_names(node_sans, i))
+        runtime = paths.runtime_cert(i)
+        if runtime.exists() or paths.runtime_key(i).exists():  # self-signed: its own issuer
+            _check_server(runtime, paths.runtime_key(i), _load_cert(runtime), runtime, _node_names(node_sans, i))
+        else:
+            _make_runtime(paths, i, _node_names(node_sans, i), days, force=False)
     return paths
 
 
@@ -374,7 +474,8 @@ def flower_tls_args(role: str, paths: CertPaths, node_index: int | None = None, 
             raise ValueError("role 'supernode' needs node_index")
         return ["--root-certificates", ca, "--auth-supernode-private-key", str(paths.supernode_key(node_index)),
                 "--ssl-certfile", str(paths.runtime_cert(node_index)), "--ssl-keyfile", str(paths.runtime_key(node_index)),
-                "--ssl-ca-certfile", ca, "--isolation", isolation, *with_secret]
+                # its SuperExec and ClientApps trust the node's own self-signed certificate only
+                "--ssl-ca-certfile", str(paths.runtime_cert(node_index)), "--isolation", isolation, *with_secret]
     raise ValueError(f"unknown role {role!r}; expected superlink, superexec-serverapp, supernode or superexec-clientapp")
 
 
@@ -460,6 +561,13 @@ def register(subparsers) -> None:
     init.add_argument("--days", type=int, default=365)
     init.add_argument("--force", action="store_true", help="replace existing files (new CA: hand out ca.crt and keys again)")
     init.set_defaults(func=_init)
+    site = certs.add_parser("site-init", help="at a site: make this SuperNode's key pair and Runtime API certificate")
+    site.add_argument("--dir", default="certs/site")
+    site.add_argument("--index", type=int, required=True, help="this site's partition id i (files supernode-<i>.*)")
+    site.add_argument("--node-san", action="append", default=[], help="name of the Runtime API, {i} replaced (default supernode-{i})")
+    site.add_argument("--days", type=int, default=365)
+    site.add_argument("--force", action="store_true", help="replace existing files (then register the new .pub)")
+    site.set_defaults(func=_site_init)
     show_cmd = certs.add_parser("show", help="print subjects, SANs, fingerprints and expiry")
     show_cmd.add_argument("--dir", default="certs/generated")
     show_cmd.set_defaults(func=lambda args: show(Path(args.dir)))
@@ -480,6 +588,22 @@ def _init(args) -> int:
     except CertError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {paths.directory}: ca.crt, superlink.crt (SANs {', '.join(_names(sans))}), superexec.secret, "
+    print(f"wrote {paths.directory}: ca.crt, superlink.crt and edge.crt (SANs {', '.join(_names(sans))}), superexec.secret, "
           f"{args.supernodes} SuperNode key pair(s) and Runtime API certificate(s); private keys and secret mode 0600")
+    return 0
+
+
+def _site_init(args) -> int:
+    if args.days < 1 or args.index < 0:
+        print("fedtune: --days must be >= 1 and --index >= 0", file=sys.stderr)
+        return 2
+    try:
+        paths = site_init(Path(args.dir), args.index, args.days, args.force, args.node_san or NODE_SANS)
+    except CertError as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 2
+    pub = paths.supernode_pub(args.index)
+    print(f"wrote {paths.directory}: supernode-{args.index}.key and supernode-{args.index}-runtime.key (private, mode 0600; "
+          f"they never leave this machine), supernode-{args.index}-runtime.crt and {pub.name}\n"
+          f"send {pub} ({_ssh_fingerprint(pub.read_bytes())}) to the coordinator; get its ca.crt into {paths.directory}")
     return 0

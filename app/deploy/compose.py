@@ -2,15 +2,16 @@
 
 Three shapes of the same services:
 
-    all        compose.yaml: one host runs everything (certs in a named volume, created by the
-               one-shot `certs` service); the smoke variant is this with the tiny profile, no GPU
-    superlink  compose.superlink.yaml: the coordinating site (SuperLink, register, ServerApp, run)
-    site       compose.site.yaml: one hospital's SuperNode, talking to a remote SuperLink by its TLS
-               name; which partition, key and GPU come from the site's .env
+    all        compose.yaml: one host runs everything and publishes no port; the one-shot `certs`
+               service issues the certificates and copies each service its own files into that
+               service's volume; the smoke variant is this with the tiny profile, no GPU
+    superlink  compose.superlink.yaml: the coordinating site (SuperLink, edge, register, ServerApp,
+               run); only the edge, which forwards the Fleet API alone, faces the sites
+    site       compose.site.yaml: one hospital's SuperNode, talking to the coordinator's edge by
+               its TLS name; which partition, key and GPU come from the site's .env
 
-In the split shapes the certificates are a host directory (FEDTUNE_CERTS_DIR) made with
-`fedtune certs init`: the coordinating site keeps the CA key, each site gets only ca.crt and its own
-SuperNode files (certs/README.md, docs/docker.md).
+In the split shapes the certificates are a host directory (FEDTUNE_CERTS_DIR) and each service
+bind-mounts only its own files from it (app.deploy.certs.service_files), certs/README.md.
 """
 
 from __future__ import annotations
@@ -25,17 +26,24 @@ CERTS = "/certs"  # paths inside the containers
 CACHE = "/cache"
 RESULTS = "/results"
 STATE = "/state"
-PORT = 9093  # the SuperLink's one HTTPS port: Fleet, Control and Runtime (ServerAppIo) APIs
+PORT = 9093  # the SuperLink's one HTTPS port: Fleet, Control and Runtime (ServerAppIo) APIs; the edge's too
+ISSUER = "/issuer"  # the `certs` service: the issuer's directory (ca.key), in no other container
+EXPORT = "/export"  # the `certs` service: each service's certificate volume, at EXPORT/<service>
 SUPERLINK = f"superlink:{PORT}"
 HEALTH = "127.0.0.1:9098"  # --health-server-address (plaintext gRPC): container-local only
 DEFAULT_NODES = 20
 DEFAULT_GPUS = 8
 DEFAULT_BASE_IMAGE = "python:3.11-slim-bookworm"
+DEFAULT_EDGE_BASE_IMAGE = "debian:bookworm-slim"  # nginx-light from Debian is added unless already there
 UID = 10001  # the images' default unprivileged user (build arg FEDTUNE_UID)
 ROLES = ("all", "superlink", "site")
 # a site's SuperNode: set in its .env (compose stops with this message when one is missing)
 SITE_PARTITION = "${FEDTUNE_PARTITION_ID:?see .env.site.example}"
 SITE_SUPERLINK = "${FEDTUNE_SUPERLINK_ADDRESS:?see .env.site.example}"
+# the coordinator's edge: the only port the sites reach; no default, the operator names the interface
+EDGE_PUBLISH = f"${{FEDTUNE_EDGE_PUBLISH:?the address the sites dial, e.g. 10.0.0.5:{PORT} (.env.superlink.example)}}:{PORT}"
+# the SuperLink itself, at the coordinator: the host's loopback only (an operator's `flwr` CLI)
+CONTROL_PUBLISH = f"${{FEDTUNE_CONTROL_PUBLISH:-127.0.0.1:9094}}:{PORT}"
 
 
 def _pyproject() -> dict[str, Any]:
@@ -44,6 +52,10 @@ def _pyproject() -> dict[str, Any]:
 
 def app_image() -> str:
     return f"fedtune-app:{_pyproject()['project']['version']}"
+
+
+def edge_image() -> str:
+    return f"fedtune-edge:{_pyproject()['project']['version']}"
 
 
 def superlink_image() -> str:
@@ -60,7 +72,7 @@ class StackSpec:
     rounds: int | None = None
     run_config: str = ""
     name: str = "fedtune"
-    publish: str = f"${{FEDTUNE_SUPERLINK_PUBLISH:-{PORT}}}:{PORT}"  # host side of the SuperLink port
+    publish: str = EDGE_PUBLISH  # the edge's ports entry (role superlink); the all-in-one stack publishes nothing
     role: str = "all"
     eval_exact: bool = False  # the evaluate service: the reference loop instead of the fast path
     eval_limit: int | None = None  # the evaluate service: first N questions of each benchmark
@@ -88,9 +100,8 @@ class StackSpec:
 
 
 def smoke_spec(nodes: int = DEFAULT_NODES, rounds: int = 2, project: str = "fedtune-smoke") -> StackSpec:
-    """The CPU smoke variant (compose.smoke.yaml): tiny profile, no GPU reservations, SuperLink
-    port published on a random loopback port only."""
-    return StackSpec(nodes=nodes, profile="tiny", no_gpu=True, rounds=rounds, name=project, publish=f"127.0.0.1::{PORT}")
+    """The CPU smoke variant (compose.smoke.yaml): tiny profile, no GPU reservations."""
+    return StackSpec(nodes=nodes, profile="tiny", no_gpu=True, rounds=rounds, name=project)
 
 
 def dataset_file(name: str, cache: str = f"{CACHE}/fedtune") -> str:
@@ -135,25 +146,66 @@ def _build(dockerfile: str) -> dict[str, Any]:
     }
 
 
+def _edge_build() -> dict[str, Any]:
+    return {
+        "context": ".",
+        "dockerfile": "docker/edge.Dockerfile",
+        "args": {
+            "BASE_IMAGE": f"${{FEDTUNE_EDGE_BASE_IMAGE:-{DEFAULT_EDGE_BASE_IMAGE}}}",
+            "FEDTUNE_UID": f"${{FEDTUNE_UID:-{UID}}}",
+            "FEDTUNE_GID": f"${{FEDTUNE_GID:-{UID}}}",
+        },
+    }
+
+
 APP = f"${{FEDTUNE_APP_IMAGE:-{app_image()}}}"
+EDGE_IMAGE = f"${{FEDTUNE_EDGE_IMAGE:-{edge_image()}}}"
 SUPERLINK_IMAGE = f"${{FEDTUNE_SUPERLINK_IMAGE:-{superlink_image()}}}"
 RESULTS_MOUNT = f"${{FEDTUNE_RESULTS:-./results}}:{RESULTS}"
 DONE = {"condition": "service_completed_successfully"}
 
 
-def _certs_mount(spec: StackSpec) -> str:
-    """Read-only certificates: the `certs` volume (all on one host) or a host directory (split)."""
-    source = "certs" if spec.role == "all" else "${FEDTUNE_CERTS_DIR:-./certs/generated}"
-    return f"{source}:{CERTS}:ro"
+def _certs_volume(service: str, index: int | None = None) -> str:
+    """The named volume holding one service's certificate files (all on one host)."""
+    return f"certs-supernode-{index}" if service == "supernode" else f"certs-{service}"
+
+
+def _certs_holders(spec: StackSpec) -> list[tuple[str, int | None]]:
+    """(service, node index) of every service the all-in-one stack gives certificate files."""
+    return [("superlink", None), ("serverapp", None), ("register", None), ("run", None),
+            *(("supernode", i) for i in range(spec.nodes))]
+
+
+def _certs_mounts(spec: StackSpec, paths, service: str, index: int | str | None = None) -> list[Any]:
+    """Read-only, and only `service`'s own files (app.deploy.certs.service_files): its own volume,
+    filled by the `certs` service (all on one host), or each file bind-mounted from the host
+    directory (split; a missing file is an error, not an empty directory Docker makes up)."""
+    from app.deploy.certs import service_files
+
+    if spec.role == "all":
+        return [f"{_certs_volume(service, index)}:{CERTS}:ro"]
+    source = "${FEDTUNE_CERTS_DIR:-./certs/generated}"
+    return [{"type": "bind", "source": f"{source}/{path.name}", "target": str(path), "read_only": True,
+             "bind": {"create_host_path": False}} for path in service_files(service, paths, index)]
 
 
 def _certs_service(spec: StackSpec) -> dict[str, Any]:
+    """Issues the certificates (ca.key stays in its `certs-issuer` volume, mounted nowhere else)
+    and copies each service its own files. It runs as root, without network, with only the
+    capabilities to write into volumes that Docker may already have given to the containers'
+    user (DAC_OVERRIDE) and to hand each copy to that user (CHOWN)."""
+    holders = _certs_holders(spec)
     return {
         "image": APP,
         "build": _build("app.Dockerfile"),
-        "command": ["fedtune", "stack", "certs", "--dir", CERTS, "--san", "superlink", "--supernodes", str(spec.nodes)],
+        "command": ["fedtune", "stack", "certs", "--dir", ISSUER, "--san", "superlink", "--supernodes", str(spec.nodes),
+                    "--export", EXPORT, "--owner", f"${{FEDTUNE_UID:-{UID}}}:${{FEDTUNE_GID:-{UID}}}"],
         "network_mode": "none",
-        "volumes": [f"certs:{CERTS}"],
+        "user": "0:0",
+        "cap_drop": ["ALL"],
+        "cap_add": ["CHOWN", "DAC_OVERRIDE"],
+        "volumes": [f"certs-issuer:{ISSUER}",
+                    *(f"{_certs_volume(s, i)}:{EXPORT}/{_certs_volume(s, i).removeprefix('certs-')}" for s, i in holders)],
     }
 
 
@@ -180,8 +232,7 @@ def _superlink_service(spec: StackSpec, paths) -> dict[str, Any]:
             "--host", "0.0.0.0", "--port", str(PORT), "--database", f"{STATE}/state.db",
             "--disable-runtime-dependency-installation", "--health-server-address", HEALTH,
         ],
-        "ports": [spec.publish],
-        "volumes": [_certs_mount(spec), f"superlink-state:{STATE}"],
+        "volumes": [*_certs_mounts(spec, paths, "superlink"), f"superlink-state:{STATE}"],
         "healthcheck": {
             "test": ["CMD", "fedtune-healthcheck", "--https", f"https://127.0.0.1:{PORT}/health", "--ca",
                      str(paths.ca_cert), "--grpc", HEALTH],
@@ -195,15 +246,33 @@ def _superlink_service(spec: StackSpec, paths) -> dict[str, Any]:
     }
     if spec.role == "all":
         service["depends_on"] = {"certs": DONE}
+    else:  # the operator's flwr CLI on the coordinator's host; the sites use the edge
+        service["ports"] = [CONTROL_PUBLISH]
     return service
 
 
-def _register_service(spec: StackSpec) -> dict[str, Any]:
+def _edge_service(spec: StackSpec, paths) -> dict[str, Any]:
+    """The coordinator's face to the sites: nginx terminating TLS (edge.crt) and forwarding
+    /v1/fleet/ to the SuperLink, verified against ca.crt; the Control and Runtime APIs, which
+    flwr 1.42 serves on the same port without client authentication, are refused (403)."""
+    return {
+        "image": EDGE_IMAGE,
+        "build": _edge_build(),
+        "depends_on": {"superlink": {"condition": "service_healthy"}},
+        "ports": [spec.publish],
+        "volumes": _certs_mounts(spec, paths, "edge"),
+        "read_only": True,
+        "tmpfs": ["/tmp"],
+        "restart": "unless-stopped",
+    }
+
+
+def _register_service(spec: StackSpec, paths) -> dict[str, Any]:
     return {
         "image": APP,
         "command": ["fedtune", "stack", "register", "--superlink", SUPERLINK, "--certs", CERTS, "--nodes", str(spec.nodes)],
         "depends_on": {"superlink": {"condition": "service_healthy"}},
-        "volumes": [_certs_mount(spec)],
+        "volumes": _certs_mounts(spec, paths, "register"),
     }
 
 
@@ -216,7 +285,7 @@ def _serverapp_service(spec: StackSpec, paths) -> dict[str, Any]:
         "command": ["flower-superexec", *flower_tls_args("superexec-serverapp", paths), "--runtime-api-address", SUPERLINK],
         "environment": dict(FLOWER_SETTINGS),  # the same Flower settings as `fedtune local up`
         "depends_on": {"superlink": {"condition": "service_healthy"}},
-        "volumes": [_certs_mount(spec), RESULTS_MOUNT],
+        "volumes": [*_certs_mounts(spec, paths, "serverapp"), RESULTS_MOUNT],
         "init": True,
         # a SuperExec whose secret is refused exits with status 0: `on-failure` would not restart it
         "restart": "unless-stopped",
@@ -243,7 +312,7 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
             **FLOWER_SETTINGS,  # its own SuperExec starts the ClientApps
         },
         "labels": {"fedtune.role": "supernode", "fedtune.partition-id": str(index)},
-        "volumes": [_certs_mount(spec), f"model-cache:{CACHE}:ro"],
+        "volumes": [*_certs_mounts(spec, paths, "supernode", index), f"model-cache:{CACHE}:ro"],
         "init": True,
         "restart": "on-failure",
     }
@@ -268,7 +337,7 @@ def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
         "image": APP,
         "command": command,
         "depends_on": {**cache, "register": DONE, "serverapp": {"condition": "service_started"}},
-        "volumes": [_certs_mount(spec), RESULTS_MOUNT],
+        "volumes": [*_certs_mounts(spec, paths, "run"), RESULTS_MOUNT],
     }
 
 
@@ -326,18 +395,23 @@ def compose_spec(spec: StackSpec) -> dict[str, Any]:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {spec.role!r}")
     if spec.nodes < 1 or (not spec.no_gpu and spec.gpus < 1):
         raise ValueError("--nodes and --gpus must be at least 1")
+    if spec.role != "superlink" and spec.publish != EDGE_PUBLISH:
+        raise ValueError(f"--publish sets the edge's port, which only --role superlink has; role {spec.role!r} publishes nothing")
     paths = CertPaths(Path(CERTS), spec.nodes)
     services: dict[str, Any] = {}
     volumes: dict[str, Any] = {}
     if spec.role == "all":
         services["certs"] = _certs_service(spec)
-        volumes["certs"] = {}
+        volumes["certs-issuer"] = {}
+        volumes.update({_certs_volume(s, i): {} for s, i in _certs_holders(spec)})
     if spec.role in ("all", "site"):
         services["model-cache"] = _model_cache_service(spec)
         volumes["model-cache"] = {}
     if spec.role in ("all", "superlink"):
         services["superlink"] = _superlink_service(spec, paths)
-        services["register"] = _register_service(spec)
+        if spec.role == "superlink":
+            services["edge"] = _edge_service(spec, paths)
+        services["register"] = _register_service(spec, paths)
         services["serverapp"] = _serverapp_service(spec, paths)
         volumes["superlink-state"] = {}
     if spec.role == "all":
@@ -386,9 +460,10 @@ def _dumper():
 
 
 ENV_HELP = {
-    "all": "FEDTUNE_BASE_IMAGE, FEDTUNE_PIP_OFFLINE, FEDTUNE_UID/GID,\n# FEDTUNE_RESULTS, FEDTUNE_SUPERLINK_PUBLISH, "
+    "all": "FEDTUNE_BASE_IMAGE, FEDTUNE_PIP_OFFLINE, FEDTUNE_UID/GID,\n# FEDTUNE_RESULTS, "
            "FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN.",
-    "superlink": "FEDTUNE_CERTS_DIR, FEDTUNE_RESULTS,\n# FEDTUNE_SUPERLINK_PUBLISH, image settings as in compose.yaml.",
+    "superlink": "FEDTUNE_CERTS_DIR, FEDTUNE_RESULTS,\n# FEDTUNE_EDGE_PUBLISH, FEDTUNE_CONTROL_PUBLISH, "
+                 "FEDTUNE_EDGE_BASE_IMAGE, FEDTUNE_EDGE_IMAGE, image settings as in compose.yaml.",
     "site": "FEDTUNE_SUPERLINK_ADDRESS, FEDTUNE_PARTITION_ID,\n# FEDTUNE_NUM_PARTITIONS, FEDTUNE_GPU, "
             "FEDTUNE_CERTS_DIR, HF_TOKEN, image settings as in compose.yaml.",
 }

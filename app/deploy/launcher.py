@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from app.config import ConfigError, load_settings, parse_overrides, with_explici
 from app.lifeline import die_with_parent
 from app.report import read_jsonl_from
 from app.run_eval import add_eval_options
+from app.read_policy import READ_DIRS_ENV, run_reads
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
@@ -353,7 +355,13 @@ def local_up(args) -> int:
     log_dir = work / "logs"
     log_dir.mkdir()
     env = flower_env(work / "flwr-home")
-    paths = None if args.insecure else ensure_certs(work / "certs", ["127.0.0.1"], num_supernodes=args.supernodes)
+    # a local launch is its own site: its nodes may read what its command line names
+    env[READ_DIRS_ENV] = os.pathsep.join([*(str(Path(v).expanduser().resolve().parent) for _, v in run_reads(settings)),
+                                          os.environ.get(READ_DIRS_ENV, "")])
+    # Keys live outside the results directory, which users archive and share: a private (0700)
+    # directory of their own, removed on exit unless --keep-keys.
+    keys = None if args.insecure else Path(tempfile.mkdtemp(prefix="fedtune-keys-"))
+    paths = None if keys is None else ensure_certs(keys, ["127.0.0.1"], num_supernodes=args.supernodes)
     security = _INSECURE if paths is None else _secure(paths)
     federation = Federation(log_dir)
     # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
@@ -403,6 +411,10 @@ def local_up(args) -> int:
         federation.stop()
         for signum, handler in previous_handlers.items():
             signal.signal(signum, handler)
+        if keys is not None and args.keep_keys:
+            print(f"keys kept in {keys} (private; remove them when done)", flush=True)
+        elif keys is not None:
+            shutil.rmtree(keys, ignore_errors=True)
     if status == "finished:completed":  # the federation is down: its GPUs are free for the evaluation
         from app.run_eval import finish_run
 
@@ -485,6 +497,7 @@ def register(subparsers) -> None:
     up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning); both are on by default")
     up.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapter (the report is still written)")
     add_eval_options(up, prefix="eval-")
+    up.add_argument("--keep-keys", action="store_true", help="keep this launch's CA and keys (a private temporary directory) after exit")
     up.set_defaults(func=local_up)
 
     run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")

@@ -8,11 +8,14 @@
 The services (docs/docker.md):
 
     certs        one-shot: CA, SuperLink certificate, SuperExec secret, one key pair per SuperNode,
-                 created in the `certs` volume when missing (`fedtune stack certs`, app.deploy.certs)
+                 created in the `certs-issuer` volume when missing, then each service's own files
+                 copied into that service's volume (`fedtune stack certs`, app.deploy.certs)
     model-cache  one-shot: the profile's base model, data and the four benchmarks into the
                  `model-cache` volume, once; every SuperNode mounts it read-only (`fedtune stack cache`)
     superlink    flower-superlink, TLS + SuperNode authentication, state in the `superlink-state`
-                 volume, healthcheck; publishes its one port (Fleet, Control and Runtime API)
+                 volume, healthcheck; its one port (Fleet, Control and Runtime API) is published
+                 nowhere on one host, on the host's loopback at a coordinating site
+    edge         (coordinating site) nginx: TLS to the sites, forwards the Fleet API only
     register     one-shot: registers each SuperNode's public key over the Control API
     serverapp    flower-superexec running the ServerApp (FedProx) for the SuperLink; CPU only
     supernode-i  `fedtune supernode -- flower-supernode ...`, partition i of N, GPU i mod G
@@ -44,16 +47,35 @@ FEDERATION = "fedtune"
 # ---------------------------------------------------------------------------- in-container commands
 
 
+def _owner(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    if not (uid.isdigit() and gid.isdigit()):
+        raise ValueError(f"--owner {text!r}: expected UID:GID, e.g. 10001:10001")
+    return int(uid), int(gid)
+
+
 def cmd_certs(args) -> int:
-    """Create what is missing in the certs volume; keep what exists and is valid."""
-    from app.deploy.certs import CertError, ensure_certs
+    """Create what is missing in the issuer's directory, keep what exists and is valid; with
+    --export, copy each service its own files (app.deploy.certs.service_files) into
+    EXPORT/<service> (its volume), owned by --owner."""
+    from app.deploy.certs import SERVICES, CertError, ensure_certs, export_service_files
 
     try:
+        owner = _owner(args.owner) if args.owner else None
         paths = ensure_certs(Path(args.dir), args.san or ["superlink"], num_supernodes=args.supernodes)
-    except CertError as exc:
+        if args.export:
+            export = Path(args.export)
+            for service in SERVICES:
+                if service == "supernode":
+                    for i in range(args.supernodes):
+                        export_service_files(paths, service, export / f"supernode-{i}", i, owner)
+                elif (export / service).is_dir():  # the edge has no volume on one host
+                    export_service_files(paths, service, export / service, owner=owner)
+    except (CertError, ValueError, OSError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
-    print(f"certificates ready in {paths.directory} (CA, SuperLink, SuperExec secret, {args.supernodes} SuperNode keys)")
+    print(f"certificates ready in {paths.directory} (CA, SuperLink, SuperExec secret, {args.supernodes} SuperNode keys)"
+          + (f"; each service's own files copied under {args.export}" if args.export else ""))
     return 0
 
 
@@ -282,7 +304,7 @@ def register(subparsers) -> None:
     comp.add_argument("--rounds", type=int, help="num-server-rounds for the run service")
     comp.add_argument("--run-config", default="", help='extra run config, "key=value ..."')
     comp.add_argument("--name", default="fedtune", help="compose project name")
-    comp.add_argument("--publish", help=f"ports entry of the SuperLink (default {StackSpec.publish!r})")
+    comp.add_argument("--publish", help=f"ports entry of the edge, --role superlink only (default {StackSpec.publish!r})")
     comp.add_argument("--eval-exact", action="store_true", help="the evaluate service uses the reference loop (slow)")
     comp.add_argument("--eval-limit", type=int, help="the evaluate service: first N questions of each benchmark")
     comp.set_defaults(func=cmd_compose)
@@ -301,6 +323,8 @@ def register(subparsers) -> None:
     ce.add_argument("--dir", default=CERTS)
     ce.add_argument("--san", action="append", default=[])
     ce.add_argument("--supernodes", type=int, default=DEFAULT_NODES)
+    ce.add_argument("--export", help="copy each service its own files into EXPORT/<service> (one volume each)")
+    ce.add_argument("--owner", help="UID:GID of the copies (as root)")
     ce.set_defaults(func=cmd_certs)
 
     rg = sub.add_parser("register", help="(in the register service) register SuperNode keys with the SuperLink")
