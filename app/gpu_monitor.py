@@ -54,7 +54,8 @@ class GpuMonitor:
             used += int(self._nvml.nvmlDeviceGetMemoryInfo(handle).used)
             util += int(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         self.memory.append(used)
-        self.utilisation.append(util // len(self._handles))
+        if len(self.memory) > 1:  # NVML's utilisation covers the period before a reading: the first is pre-round idle
+            self.utilisation.append(util // len(self._handles))
 
     def _loop(self) -> None:
         while True:
@@ -80,7 +81,7 @@ class GpuMonitor:
         return {
             "gpu-mem-peak-bytes": float(max(self.memory)),
             "gpu-mem-mean-bytes": float(sum(self.memory) / len(self.memory)),
-            "gpu-util-mean": float(sum(self.utilisation) / len(self.utilisation)),
+            "gpu-util-mean": float(sum(self.utilisation) / len(self.utilisation)) if self.utilisation else 0.0,
             "gpu-samples": float(len(self.memory)),
         }
 

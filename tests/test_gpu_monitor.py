@@ -51,6 +51,17 @@ def test_samples_the_visible_gpu_while_the_block_runs(monkeypatch):
     assert nvml.state["shutdown"]
 
 
+def test_utilisation_leaves_out_the_first_reading_which_describes_the_idle_time_before(monkeypatch):
+    """On the H200 the mean came out 3-12 points under nvidia-smi's over the same window: NVML's
+    utilisation is the busy share of the period before each reading, so the first is idle."""
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(used=[1, 1, 1], util=[0, 80, 80], count=1))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with GpuMonitor(interval=0.01) as monitor:
+        while len(monitor.memory) < 3:
+            time.sleep(0.01)
+    assert monitor.metrics()["gpu-util-mean"] == 80.0
+
+
 def test_a_gpu_outside_the_visible_set_is_not_sampled(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml([1], [1], count=1))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
