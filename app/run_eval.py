@@ -90,11 +90,19 @@ def merge_summaries(run_dir: Path, outputs: list[Path], limit: int | None) -> di
         "datasets": {name: entry for part in parts for name, entry in part["datasets"].items()},
         "mode": parts[0]["mode"], "limit": limit, "batch_size": parts[0]["batch_size"],
         "base_model": parts[0]["base_model"], "peft_path": parts[0]["peft_path"], "quantization": parts[0]["quantization"],
-        "profile": config.get("profile"), "random_weights": config["model.name"] == "tiny",
+        "profile": config.get("profile"), "random_weights": has_random_weights(config["model.name"]),
         "date": parts[0]["date"],
     }
     write_json_atomic(run_dir / EVAL_DIR / "summary.json", merged)
     return merged
+
+
+# A local model directory with this file holds random weights (the benchmarks' 8B-shaped model).
+RANDOM_WEIGHTS_MARKER = "fedtune-random-weights"
+
+
+def has_random_weights(model_name: str) -> bool:
+    return model_name == "tiny" or (Path(model_name) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
 def evaluate_run(run_dir: Path, *, exact: bool = False, limit: int | None = None, data_dir: Path | None = None,

@@ -201,7 +201,7 @@ def run_facts(data: RunData) -> dict[str, Any]:
         "run": data.run_dir.name,
         "profile": ev.get("profile") or data.config.get("profile", "unknown"),
         "model": ev.get("base_model") or data.config.get("model.name", "unknown"),
-        "random weights": "yes (tiny profile: the scores are the tiny model's, not the recipe's)"
+        "random weights": "yes (the scores are those of a model with random weights, not the recipe's)"
                           if ev.get("random_weights") else "no",
         "adapter evaluated": ev.get("peft_path", "none"),
         "evaluation": (f"{ev.get('mode', '?')} path" + (f", first {ev['limit']} questions per benchmark" if ev.get("limit") else ", full benchmarks"))

@@ -47,6 +47,9 @@ def build_random_llama(directory: Path) -> None:
     staging = directory.with_name(directory.name + ".tmp")
     model.save_pretrained(staging, max_shard_size="5GB")
     tokenizer.save_pretrained(staging)
+    from app.run_eval import RANDOM_WEIGHTS_MARKER
+
+    (staging / RANDOM_WEIGHTS_MARKER).write_text("random seeded weights (benchmarks/bench_client_round.py)\n")  # reports say so
     del model
     staging.rename(directory)
 

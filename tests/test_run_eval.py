@@ -95,3 +95,11 @@ def test_export_writes_the_hub_rows_in_their_source_schema(tmp_path, monkeypatch
     assert not list((tmp_path / "eval").glob("*.partial"))
     monkeypatch.setattr(benchmarks, "_hub_rows", lambda benchmark: [{"question": "no options"}])
     benchmarks.export_benchmarks(tmp_path / "eval")  # files already there are kept, not fetched again
+
+
+def test_a_local_model_marked_random_is_reported_as_such(tmp_path):
+    from app.run_eval import RANDOM_WEIGHTS_MARKER, has_random_weights
+
+    assert has_random_weights("tiny") and not has_random_weights(str(tmp_path))
+    (tmp_path / RANDOM_WEIGHTS_MARKER).write_text("")
+    assert has_random_weights(str(tmp_path))
