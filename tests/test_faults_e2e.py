@@ -7,12 +7,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import psutil
 
 from app.checkpoint import load_adapter_tensors
+from waiting import wait_until
 
 NODES, ROUNDS, TIMEOUT = 3, 4, 90  # a first round on a busy 2-core host can take a minute
 
@@ -28,14 +28,6 @@ def _node_processes(results: Path, node: int) -> list[psutil.Process]:
         except psutil.Error:
             continue
     return found
-
-
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
 def _rounds(run: Path) -> list[dict]:
@@ -54,23 +46,23 @@ def test_killed_supernode_and_trainer(tmp_path):
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)  # the only reader of stdout
     reader.start()
     try:
-        submitted = _wait(lambda: next((ln for ln in lines if "submitted; results in" in ln), None), 400, "the run")
+        submitted = wait_until(lambda: next((ln for ln in lines if "submitted; results in" in ln), None), 400, "the run")
         run = Path(submitted.split("results in ")[1].strip())
 
         # Round 2: kill SuperNode 1 whole (as a machine would die) while its ClientApp runs.
-        _wait(lambda: len(_rounds(run)) >= 1, 300, "round 1")
-        clientapp = _wait(lambda: [p for p in _node_processes(tmp_path, 1) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 2 on node 1")
+        wait_until(lambda: len(_rounds(run)) >= 1, 300, "round 1")
+        clientapp = wait_until(lambda: [p for p in _node_processes(tmp_path, 1) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 2 on node 1")
         assert clientapp
         for p in _node_processes(tmp_path, 1):
             p.send_signal(signal.SIGKILL)
 
         # Between rounds 2 and 3: kill SuperNode 2's resident trainer only.
-        _wait(lambda: len(_rounds(run)) >= 2, TIMEOUT + 120, "round 2")
+        wait_until(lambda: len(_rounds(run)) >= 2, TIMEOUT + 120, "round 2")
         [trainer] = [p for p in _node_processes(tmp_path, 2) if "app.trainer_service" in p.cmdline() and "serve" in p.cmdline()]
         trainer.kill()
 
         # Round 3: kill the SuperLink while node 0 trains; it restarts on its state database.
-        _wait(lambda: [p for p in _node_processes(tmp_path, 0) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 3 on node 0")
+        wait_until(lambda: [p for p in _node_processes(tmp_path, 0) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 3 on node 0")
         [superlink] = [p for p in psutil.process_iter(["cmdline"]) if "flower-superlink" in " ".join(p.info["cmdline"] or [])
                        and str(tmp_path) in " ".join(p.info["cmdline"])]
         superlink.kill()

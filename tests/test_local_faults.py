@@ -19,6 +19,7 @@ import pytest
 
 from app.deploy import launcher
 from app.report import append_jsonl, read_jsonl
+from waiting import wait_until
 
 
 def _record(n: int) -> dict:
@@ -110,14 +111,6 @@ def _federation_processes(results: Path) -> dict[psutil.Process, list[str]]:
     return found
 
 
-def _wait(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
-
 NODES = 3
 
 
@@ -139,7 +132,7 @@ def _running(results: Path, *launches: tuple[subprocess.Popen, Path]) -> None:
         submitted = all("submitted" in log.read_text() for _, log in launches)
         return submitted and len(trainers) == len(supernodes) == NODES * len(launches)
 
-    _wait(up, 120, "the federation")
+    wait_until(up, 120, "the federation")
 
 
 def _gone(results: Path, timeout: float = 30) -> None:
