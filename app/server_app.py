@@ -31,7 +31,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
@@ -131,6 +131,10 @@ def wait_for_nodes(grid: Grid, needed: int, what: str) -> list[Any]:
         time.sleep(1)
 
 
+class ReplyRejected(ValueError):
+    """A reply that cannot be aggregated; the node counts as failed for the round."""
+
+
 def check_reply(reply: Message, shapes: Mapping[str, tuple[int, ...]], fmt: str, max_examples: int | None) -> tuple[State, dict[str, float]]:
     """A node's update and metrics, or ReplyRejected naming why it cannot count. Sizes are
     checked before anything is decoded (app/comm.py); nothing from a node is trusted."""
@@ -138,6 +142,9 @@ def check_reply(reply: Message, shapes: Mapping[str, tuple[int, ...]], fmt: str,
     missing = [k for k in ("arrays", "wire", "metrics") if k not in content]
     if missing:
         raise ReplyRejected(f"reply lacks {missing}; has {sorted(content.keys())}")
+    kinds = {"arrays": ArrayRecord, "wire": ConfigRecord, "metrics": MetricRecord}
+    if wrong := [k for k, kind in kinds.items() if not isinstance(content[k], kind)]:
+        raise ReplyRejected(f"reply records {wrong} are not of the expected kinds ({', '.join(k.__name__ for k in kinds.values())})")
     metrics = dict(content["metrics"])
     if lacking := [k for k in CLIENT_METRICS if k not in metrics]:
         raise ReplyRejected(f"metrics lack {lacking}")
@@ -154,10 +161,6 @@ def check_reply(reply: Message, shapes: Mapping[str, tuple[int, ...]], fmt: str,
     except comm.WireError as exc:
         raise ReplyRejected(f"update refused: {exc}") from None
     return update, {k: float(v) for k, v in metrics.items()}
-
-
-class ReplyRejected(ValueError):
-    """A reply that cannot be aggregated; the node counts as failed for the round."""
 
 
 class FedTuneProx(FedProx):
@@ -213,7 +216,7 @@ class FedTuneProx(FedProx):
                 reason = f"error {reply.error.code}: {reply.error.reason}"
             else:
                 out["bytes_down"] += size
-                if not reply.has_error() and self.arrayrecord_key in reply.content:
+                if not reply.has_error() and isinstance(reply.content.get(self.arrayrecord_key), ArrayRecord):
                     out["bytes_up"] += comm.record_bytes(reply.content[self.arrayrecord_key])
                 if reply.has_error():
                     reason = f"error {reply.error.code}: {reply.error.reason}"

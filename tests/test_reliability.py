@@ -350,6 +350,9 @@ def _bad_reply(kind: str):
             data = arrays[comm.PACKED_KEY].data + b"\x00" * 4096
             arrays = ArrayRecord({comm.PACKED_KEY: Array(dtype="uint8", shape=(len(data),), stype=comm.RAW_STYPE, data=data)})
             return Message(RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
+        elif kind == "swapped-records":
+            arrays, wire = comm.encode(update, fmt, comm.UPDATE)
+            return Message(RecordDict({"arrays": wire, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
         elif kind == "no-metrics":
             arrays, wire = comm.encode(update, fmt, comm.UPDATE)
             return Message(RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
@@ -370,6 +373,7 @@ def _bad_reply(kind: str):
         ("wrong-format", "format 'float32', expected"),
         ("oversized", "expected uint8/raw.le of"),
         ("no-metrics", "reply lacks ['metrics']"),
+        ("swapped-records", "reply records ['arrays'] are not of the expected kinds"),
         ("num-examples=nan", "metric 'num-examples' is not a finite number"),
         ("num-examples=1e30", "num-examples 1000000000000000019884624838656 exceeds the bound 600"),
         ("num-examples=2.5", "num-examples 2.5 is not a positive integer"),
