@@ -229,11 +229,7 @@ def _silent_trainer(path):
 
 
 def test_a_hung_trainer_times_out_and_the_round_trains_in_process(tmp_path, monkeypatch):
-    from flwr.app import ConfigRecord, Context, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
-
     import app.client_app as client_app
-    from app import comm
 
     path = tmp_path / "hung.sock"
     listener = _silent_trainer(path)
@@ -245,12 +241,8 @@ def test_a_hung_trainer_times_out_and_the_round_trains_in_process(tmp_path, monk
     # The ClientApp's deadline: trainer.load-seconds + steps x trainer.step-seconds (4 steps in tiny).
     run_config = dict(RUN_CONFIG, **{"trainer.load-seconds": 1.0, "trainer.step-seconds": 0.25})
     monkeypatch.setenv(SOCKET_ENV, str(path))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
-    initial = RoundWorker().initial_adapter(RUN_CONFIG)
-    config = ConfigRecord({"server-round": 1, "lr": 0.05, "proximal-mu": 0.01})
-    msg = Message(RecordDict({"arrays": comm.encode(initial, "float32"), "config": config}), dst_node_id=7, message_type="train")
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    context = Context(run_id=1, node_id=7, node_config={"partition-id": 3, "num-partitions": 20}, state=RecordDict(), run_config=run_config)
+    msg, context = _train_message(RoundWorker().initial_adapter(RUN_CONFIG))
+    context.run_config = run_config
     reply = client_app.train(msg, context)
     listener.close()
     assert not reply.has_error() and reply.content["metrics"]["resident"] == 0.0 and reply.content["metrics"]["num-examples"] > 0

@@ -100,14 +100,23 @@ def _consistent_version(path) -> int:
     import os
     from pathlib import Path
 
-    fd = os.open(path, os.O_RDONLY)  # one directory for both reads, even if a save swaps it meanwhile
-    try:
-        opened = Path(f"/proc/self/fd/{fd}")
-        weights = checkpoint.load_adapter_tensors(opened)["w"]
-        state = json.loads((opened / checkpoint.RUN_STATE).read_text())
-        json.loads((opened / checkpoint.ADAPTER_CONFIG).read_text())
-    finally:
-        os.close(fd)
+    for _ in range(50):
+        fd = os.open(path, os.O_RDONLY)  # one directory for both reads, even if a save swaps it meanwhile
+        try:
+            opened = Path(f"/proc/self/fd/{fd}")
+            weights = checkpoint.load_adapter_tensors(opened)["w"]
+            state = json.loads((opened / checkpoint.RUN_STATE).read_text())
+            json.loads((opened / checkpoint.ADAPTER_CONFIG).read_text())
+            break
+        except (checkpoint.CheckpointError, FileNotFoundError):
+            # The directory we opened was replaced and then removed by a newer save before we
+            # read it: not a torn checkpoint. Open the path again.
+            if Path(f"/proc/self/fd/{fd}").resolve().exists() and Path(f"/proc/self/fd/{fd}").resolve() == Path(path).resolve():
+                raise
+        finally:
+            os.close(fd)
+    else:
+        raise AssertionError(f"{path}: no whole checkpoint could be read in 50 tries")
     assert (weights == state["version"]).all()
     return state["version"]
 
