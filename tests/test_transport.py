@@ -56,9 +56,11 @@ def test_settings_off_restores_every_launcher_setting():
 
 def test_environment_overrides_launcher_settings(monkeypatch, tmp_path):
     key = next(iter(launcher.FLOWER_SETTINGS))
-    assert launcher.flower_env(tmp_path)[key] == launcher.FLOWER_SETTINGS[key]
+    monkeypatch.delenv(key, raising=False)
+    assert launcher.serverapp_env(launcher.flower_env(tmp_path))[key] == launcher.FLOWER_SETTINGS[key]
+    assert key not in launcher.flower_env(tmp_path)  # the SuperNodes keep Flower's own poll
     monkeypatch.setenv(key, "2.5")
-    assert launcher.flower_env(tmp_path)[key] == "2.5"
+    assert launcher.serverapp_env(launcher.flower_env(tmp_path))[key] == "2.5"
 
 
 def test_clientapp_process_start_time_without_psutil():

@@ -295,7 +295,6 @@ def _serverapp_service(spec: StackSpec, paths) -> dict[str, Any]:
 def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str, partitions: int | str,
                        gpu: str | None) -> dict[str, Any]:
     from app.deploy.certs import flower_tls_args
-    from app.deploy.launcher import FLOWER_SETTINGS
 
     node: dict[str, Any] = {
         "image": APP,
@@ -309,7 +308,6 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
             "HF_DATASETS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
             **({"OMP_NUM_THREADS": "1"} if spec.no_gpu else {}),
-            **FLOWER_SETTINGS,  # its own SuperExec starts the ClientApps
         },
         "labels": {"fedtune.role": "supernode", "fedtune.partition-id": str(index)},
         "volumes": [*_certs_mounts(spec, paths, "supernode", index), f"model-cache:{CACHE}:ro"],

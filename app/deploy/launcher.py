@@ -57,15 +57,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Flower 1.42 settings every process gets unless the environment sets them (BENCHMARKS.md,
-# "Transport (issue 16)", has each one's measured effect; benchmarks/bench_transport.py toggles them).
+# Flower 1.42 settings of the ServerApp's SuperExec unless the environment sets them (BENCHMARKS.md,
+# "Transport (issue 16)", has the measured effect; benchmarks/bench_transport.py toggles them). Not
+# the SuperNodes' own SuperExecs: 20 of them polling over TLS every 0.1 s starved a 2-core host.
 FLOWER_SETTINGS = {
     "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",  # the SuperExec picks up a submitted run within 0.1 s, not 1 s
 }
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    return {**FLOWER_SETTINGS, **os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+
+
+def serverapp_env(env: dict[str, str]) -> dict[str, str]:
+    """The ServerApp's SuperExec: FLOWER_SETTINGS, unless the environment sets them."""
+    return {**FLOWER_SETTINGS, **env}
 
 
 def write_cli_config(flwr_home: Path, address: str, root_certificates: str | None) -> None:
@@ -378,7 +384,7 @@ def local_up(args) -> int:
         )
         address = f"127.0.0.1:{port}"
         write_cli_config(work / "flwr-home", address, security["root"])
-        federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], env)
+        federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], serverapp_env(env))
         for i in range(args.supernodes):
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
@@ -445,7 +451,8 @@ def register_node(paths: CertPaths, index: int, env: dict[str, str], federation:
     deadline = time.monotonic() + timeout
     while True:
         done = subprocess.run(register_supernode_command(paths, index), env=env, capture_output=True, text=True, timeout=120)
-        if done.returncode == 0:
+        # "already in use": an earlier attempt registered it although its reply came too late
+        if done.returncode == 0 or "Public key already in use" in done.stdout + done.stderr:
             return
         federation.check(essential)
         if time.monotonic() > deadline:
