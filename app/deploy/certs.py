@@ -301,7 +301,7 @@ def load_supernode_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):
-        raise CertError(f"{path}: expected an unencrypted OpenSSH private key (-----BEGIN OPENSSH PRIVATE KEY-----)") from None
+        raise CertError(f"{path}: expected an unencrypted OpenSSH private key (as `fedtune certs site-init` or `ssh-keygen -t ecdsa -N ""` writes)") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertError(f"{path}: expected an ECDSA key (flwr accepts NIST P-256/384/521), got {type(key).__name__}")
     return key
