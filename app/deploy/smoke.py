@@ -128,13 +128,22 @@ class Stack:
         return {c.labels["com.docker.compose.service"]: c.attrs.get("RestartCount", 0) for c in self.containers_by_role(role)}
 
     def failure_report(self, failed: list[tuple[str, str]]) -> str:
-        services = [s for s, _ in failed] or ["run"]
-        if "run" not in services:
-            services.append("run")
-        parts = [f"failing: {', '.join(f'{s} ({why})' for s, why in failed) or 'none exited; see run'}"]
-        for service in services[:4]:
+        services = [s for s, _ in failed][:4]
+        # the coordinator's side too: a run that fails while nothing exited is usually explained there
+        services += [s for s in ("run", "superlink", "serverapp") if s not in services]
+        parts = [f"failing: {', '.join(f'{s} ({why})' for s, why in failed) or 'none exited; see run'}",
+                 f"host load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+                 "containers: " + ", ".join(self._state(c) for c in self.containers() if c.labels.get("fedtune.role") != "supernode")]
+        for service in services:
             parts.append(f"----- logs of {service} (last 80 lines) -----\n{self.logs(service)}")
         return "\n".join(parts)
+
+    @staticmethod
+    def _state(container) -> str:
+        state = container.attrs["State"]
+        health = state.get("Health", {}).get("Status")
+        return (f"{container.labels.get('com.docker.compose.service', container.name)} {state['Status']}"
+                f"{f' ({health})' if health else ''}{f' restarts {r}' if (r := container.attrs.get('RestartCount', 0)) else ''}")
 
     def phases(self, since: float) -> dict[str, float]:
         """Seconds from `since` (a time.time()) to each step of the start-up, from container state."""
