@@ -200,3 +200,12 @@ def check_same_layout(tensors: dict[str, np.ndarray], reference: dict[str, np.nd
         lines += [f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)})"] if extra else []
         lines += shapes[:10]
         raise CheckpointError(f"{source / ADAPTER_WEIGHTS}: tensors do not match the nodes' adapter\n  " + "\n  ".join(lines))
+
+
+def latest_checkpoint(results: Path) -> Path:
+    """The checkpoint saved last under `results` (any run-<id>/peft_<round> holding its run state):
+    what `--resume-from latest` continues after the ServerApp died."""
+    saved = [state.parent for state in Path(results).glob(f"run-*/peft_*/{RUN_STATE}")]
+    if not saved:
+        raise CheckpointError(f"resume-from latest: no checkpoint under {results} (expected run-<id>/peft_<round>/{RUN_STATE})")
+    return max(saved, key=lambda d: ((d / RUN_STATE).stat().st_mtime, d.name))

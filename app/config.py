@@ -22,6 +22,9 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "FEDTUNE_"
+# The GPU a node was given (`fedtune local up --gpus`, the compose GPU plan); unset on CPU-only
+# nodes. Not a configuration key: a node given a GPU that CUDA cannot see refuses to train (app.model).
+ASSIGNED_GPU_ENV = "FEDTUNE_GPU"
 SEED_PROFILE = "bio-medical-llama3-8b"
 
 

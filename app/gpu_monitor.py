@@ -51,11 +51,20 @@ class GpuMonitor:
     def _sample(self) -> None:
         used = util = 0
         for handle in self._handles:
-            used += int(self._nvml.nvmlDeviceGetMemoryInfo(handle).used)
+            used += self._used_memory(handle)
             util += int(self._nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
         self.memory.append(used)
         if len(self.memory) > 1:  # NVML's utilisation covers the period before a reading: the first is pre-round idle
             self.utilisation.append(util // len(self._handles))
+
+    def _used_memory(self, handle) -> int:
+        """NVML's v2 memory info, which leaves the driver's reserved memory out, as nvidia-smi's
+        memory.used does (v1 counted ~600 MiB more on the H200); v1 where the driver lacks v2."""
+        nvml = self._nvml
+        try:
+            return int(nvml.nvmlDeviceGetMemoryInfo(handle, version=nvml.nvmlMemory_v2).used)
+        except (AttributeError, TypeError, nvml.NVMLError):
+            return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
 
     def _loop(self) -> None:
         while True:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from typing import Any
 
 import torch
 
-from app.config import ModelSettings
+from app.config import ASSIGNED_GPU_ENV, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,22 @@ def resolve_model_path(name_or_path: str) -> str:
 
         return str(tiny_model_dir())
     return name_or_path
+
+
+class ModelLoadError(RuntimeError):
+    """The base model cannot be loaded where this node runs: no GPU where one was given, or an
+    unreadable model cache. The message names the cause and the fix."""
+
+
+def check_assigned_gpu() -> None:
+    """A node given a GPU must not quietly train an 8B model on its CPU instead."""
+    gpu = os.environ.get(ASSIGNED_GPU_ENV, "").strip()
+    if gpu and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"this node was given GPU {gpu} ({ASSIGNED_GPU_ENV}) but CUDA sees no device "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): check the host's NVIDIA driver, "
+            "the container runtime's GPU access (NVIDIA Container Toolkit) and the GPU id"
+        )
 
 
 def device() -> torch.device:
@@ -36,8 +53,10 @@ def load_tokenizer(name_or_path: str):
 
 def load_base_model(name_or_path: str, quantization: int, compute_dtype: torch.dtype | None = None):
     """A frozen causal LM: 4/8-bit through bitsandbytes on CUDA, bf16 weights otherwise on GPU."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    check_assigned_gpu()
     cuda = torch.cuda.is_available()
     dtype = compute_dtype or (torch.bfloat16 if cuda else torch.float32)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -50,7 +69,14 @@ def load_base_model(name_or_path: str, quantization: int, compute_dtype: torch.d
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     elif quantization:
         log.warning("model.quantization=%d needs CUDA (bitsandbytes); loading unquantized on CPU", quantization)
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), **kwargs)
+    path = resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, SafetensorError) as exc:  # missing, truncated or garbled files
+        raise ModelLoadError(
+            f"base model {name_or_path} could not be loaded from {path}: {type(exc).__name__}: {exc}. "
+            "The model cache may be incomplete or corrupt: fill it again (docker compose run --rm model-cache)"
+        ) from exc
     if cuda and not quantization:
         model.to(device())
     model.requires_grad_(False)

@@ -22,6 +22,7 @@ def _fake_nvml(used: list[int], util: list[int], count: int = 2) -> types.Module
     nvml = types.ModuleType("pynvml")
     nvml.nvmlInit = lambda: None
     nvml.nvmlShutdown = lambda: state.update(shutdown=True)
+    nvml.NVMLError = type("NVMLError", (Exception,), {})
     nvml.nvmlDeviceGetCount = lambda: count
     nvml.nvmlDeviceGetHandleByIndex = lambda i: i
 
@@ -83,3 +84,16 @@ def test_a_round_reports_its_training_window_and_gpu_use_when_there_is_a_gpu(mon
     assert metrics["t-train-end"] - metrics["t-train-start"] <= metrics["client-round-seconds"]
     gpu_keys = {"gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples"}
     assert (gpu_keys <= set(metrics)) if torch.cuda.is_available() else not (gpu_keys & set(metrics))
+
+
+def test_memory_leaves_out_what_the_driver_reserves_as_nvidia_smi_does(monkeypatch):
+    """v1 memory info counted the driver's reserved memory (~600 MiB over nvidia-smi on the H200)."""
+    nvml = _fake_nvml(used=[5 * 2**30], util=[50], count=1)
+    nvml.nvmlMemory_v2 = 2
+    nvml.nvmlDeviceGetMemoryInfo = lambda h, version=1: types.SimpleNamespace(used=(4 if version == 2 else 5) * 2**30)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with GpuMonitor(interval=0.01) as monitor:
+        while len(monitor.memory) < 2:
+            time.sleep(0.01)
+    assert monitor.metrics()["gpu-mem-peak-bytes"] == 4 * 2**30

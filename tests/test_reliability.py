@@ -5,6 +5,7 @@ or a stand-in reply where training itself does not matter."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable
@@ -503,3 +504,22 @@ def test_resume_after_a_crash_that_cut_a_metrics_line_short(checkpoint_run, fast
     assert [r["round"] for r in _metrics(run)] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
     assert f"{metrics}: skipped 1 unreadable line(s) (the last one unfinished" in caplog.text
+
+
+def test_resume_from_latest_picks_the_checkpoint_saved_last(checkpoint_run, tmp_path):
+    """`--resume-from latest` (the compose stack's FEDTUNE_RESUME_FROM=latest) resolves to the
+    newest checkpoint under the results directory, checked like any other resume-from."""
+    from app.deploy.launcher import check_resume
+
+    config, peft = checkpoint_run
+    older = peft.parent.parent / "run-60" / "peft_2"
+    older.parent.mkdir()
+    shutil.copytree(peft, older)
+    os.utime(older / RUN_STATE, (1, 1))  # saved long before peft_1 of run-61
+    run_config = dict(config, **{"resume-from": "latest"})
+    assert check_resume(run_config, tmp_path) is None and run_config["resume-from"] == str(peft.resolve())
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no checkpoint under" in check_resume(dict(config, **{"resume-from": "latest"}), empty)
+    assert check_resume(dict(config), tmp_path) is None  # no resume-from: a new run

@@ -108,3 +108,29 @@ def test_fused_proximal_gradient_equals_autograd():
     assert value == pytest.approx(reference.item(), rel=1e-6)
     for f, p in zip(fused, params):
         assert torch.allclose(f, p.grad, atol=1e-6)
+
+
+def test_a_node_given_a_gpu_it_cannot_see_refuses_to_load(monkeypatch):
+    """No quiet fallback to an 8B model on the CPU: the reason names the variable and what to check."""
+    from app.model import ModelLoadError, load_base_model
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("FEDTUNE_GPU", "3")
+    with pytest.raises(ModelLoadError, match=r"given GPU 3 \(FEDTUNE_GPU\) but CUDA sees no device.*NVIDIA Container Toolkit"):
+        load_base_model("tiny", quantization=0)
+    monkeypatch.delenv("FEDTUNE_GPU")
+    assert load_base_model("tiny", quantization=0) is not None  # CPU-only nodes are not asked for a GPU
+
+
+def test_a_corrupt_model_cache_is_named_with_its_fix(tmp_path):
+    import shutil
+
+    from app.model import ModelLoadError, load_base_model
+    from app.tiny import tiny_model_dir
+
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), broken)
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(4096)
+    with pytest.raises(ModelLoadError, match=rf"could not be loaded from {broken}.*incomplete or corrupt.*model-cache"):
+        load_base_model(str(broken), quantization=0)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.config import ASSIGNED_GPU_ENV
+
 REPO = Path(__file__).resolve().parents[2]
 CERTS = "/certs"  # paths inside the containers
 CACHE = "/cache"
@@ -316,6 +318,7 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
     }
     if gpu is not None:
         node["deploy"] = _gpu_devices([gpu])
+        node["environment"][ASSIGNED_GPU_ENV] = gpu  # a node that finds no GPU then says so (app.model)
     return node
 
 
@@ -323,6 +326,9 @@ def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
     command = [
         "fedtune", "run", "--superlink", SUPERLINK, "--nodes", str(spec.nodes), "--profile", spec.profile,
         "--root-certificates", str(paths.ca_cert), "--results", RESULTS,
+        # after the ServerApp died: `FEDTUNE_RESUME_FROM=latest docker compose up ...` continues
+        # from the last checkpoint (README, "Faults")
+        "--resume-from", "${FEDTUNE_RESUME_FROM:-}",
     ]
     if spec.rounds is not None:
         command += ["--rounds", str(spec.rounds)]

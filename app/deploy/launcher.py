@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
-from app.config import ConfigError, load_settings, parse_overrides, with_explicit_keys
+from app.config import ASSIGNED_GPU_ENV, ConfigError, load_settings, parse_overrides, with_explicit_keys
 from app.lifeline import die_with_parent
 from app.report import read_jsonl_from
 from app.run_eval import add_eval_options
@@ -313,19 +313,38 @@ def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | 
     print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
 
 
-def build_run_config(profile: str, rounds: int | None, data: str | None, results: Path, extra: str) -> dict[str, Any]:
+def build_run_config(profile: str, rounds: int | None, data: str | None, results: Path, extra: str, resume_from: str = "") -> dict[str, Any]:
     config: dict[str, Any] = {"profile": profile, "results.dir": str(results.resolve())}
     if rounds is not None:
         config["num-server-rounds"] = rounds
     if data:
         config["dataset.path"] = str(Path(data).resolve())
     config.update(parse_overrides(extra))
+    if resume_from:
+        config["resume-from"] = resume_from
     return with_explicit_keys(config)
+
+
+def check_resume(run_config: dict[str, Any], results: Path) -> str | None:
+    """Resolve `resume-from` (`latest`: the checkpoint saved last under `results`) to an absolute
+    path, since the ServerApp runs elsewhere; a checkpoint that cannot continue this run is
+    refused (the reason returned) before anything starts."""
+    from app.checkpoint import CheckpointError, latest_checkpoint, load_resume_point
+
+    if not (wanted := run_config.get("resume-from")):
+        return None
+    try:
+        path = latest_checkpoint(results) if wanted == "latest" else Path(wanted)
+        run_config["resume-from"] = str(path.resolve())
+        load_resume_point(path, load_settings(run_config).flat())
+    except CheckpointError as exc:
+        return str(exc)
+    return None
 
 
 def local_up(args) -> int:
     try:
-        run_config = build_run_config(args.profile, args.rounds, args.data, Path(args.results), args.run_config)
+        run_config = build_run_config(args.profile, args.rounds, args.data, Path(args.results), args.run_config, args.resume_from)
         settings = load_settings(run_config)  # validate before anything starts
     except ConfigError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
@@ -340,15 +359,9 @@ def local_up(args) -> int:
         if (refused := preflight(settings, args.supernodes, gpus)) is not None:
             print(f"fedtune: {refused}", file=sys.stderr)
             return 2
-    if settings.resume_from:  # a checkpoint that cannot continue this run is refused before anything starts
-        from app.checkpoint import CheckpointError, load_resume_point
-
-        run_config["resume-from"] = str(Path(settings.resume_from).resolve())  # the ServerApp runs elsewhere
-        try:
-            load_resume_point(Path(run_config["resume-from"]), load_settings(run_config).flat())
-        except CheckpointError as exc:
-            print(f"fedtune: {exc}", file=sys.stderr)
-            return 2
+    if (refused := check_resume(run_config, Path(args.results))) is not None:
+        print(f"fedtune: {refused}", file=sys.stderr)
+        return 2
     if args.insecure:
         print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
 
@@ -388,7 +401,7 @@ def local_up(args) -> int:
         for i in range(args.supernodes):
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
-                node_env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+                node_env["CUDA_VISIBLE_DEVICES"] = node_env[ASSIGNED_GPU_ENV] = gpus[i % len(gpus)]
             if paths is not None:  # only registered keys may join: register before the node starts
                 register_node(paths, i, env, federation, essential)
             federation.start(
@@ -463,10 +476,13 @@ def register_node(paths: CertPaths, index: int, env: dict[str, str], federation:
 def run_submit(args) -> int:
     """`fedtune run`: wait for the federation, submit, follow (for the compose `run` service)."""
     try:
-        run_config = build_run_config(args.profile, args.rounds, None, Path(args.results), args.run_config)
+        run_config = build_run_config(args.profile, args.rounds, None, Path(args.results), args.run_config, args.resume_from)
         load_settings(run_config)
     except ConfigError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
+        return 2
+    if (refused := check_resume(run_config, Path(args.results))) is not None:
+        print(f"fedtune: {refused}", file=sys.stderr)
         return 2
     if not (args.insecure or args.root_certificates):
         print("fedtune: --root-certificates is required (or --insecure, which disables TLS)", file=sys.stderr)
@@ -492,6 +508,9 @@ def _common(parser) -> None:
     parser.add_argument("--results", default="results", help="results directory (default: ./results)")
     parser.add_argument("--run-config", default="", help='extra overrides, "key=value key2=value2"')
     parser.add_argument("--connect-timeout", type=float, default=600.0, help="seconds to wait for the SuperNodes")
+    parser.add_argument("--resume-from", default="", metavar="PEFT_DIR|latest",
+                        help="continue a stopped run from a checkpoint <results>/run-<id>/peft_<round>; `latest`: the one "
+                             "saved last under --results (empty: a new run)")
 
 
 def register(subparsers) -> None:

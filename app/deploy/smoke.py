@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,14 @@ class Stack:
             if time.monotonic() > deadline:
                 raise StackError(f"timed out waiting for {service}\n" + self.failure_report(self.failed_services()))
             time.sleep(1)
+
+    def crash(self, service: str) -> None:
+        """SIGKILL the container's main process from the host, as the OOM killer or a fatal bug
+        would: unlike `docker kill` (an operator's stop, which Docker's restart policies ignore by
+        design), the service's restart policy then applies. Needs the host's root."""
+        container = self.container(service)
+        container.reload()
+        os.kill(container.attrs["State"]["Pid"], signal.SIGKILL)
 
     def restarts(self, role: str) -> dict[str, int]:
         return {c.labels["com.docker.compose.service"]: c.attrs.get("RestartCount", 0) for c in self.containers_by_role(role)}
