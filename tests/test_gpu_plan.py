@@ -143,7 +143,7 @@ def test_launcher_refuses_before_starting_anything(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(launcher.Federation, "start", lambda self, *a, **k: started.append(a))
     args = types.SimpleNamespace(
         profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"), run_config="",
-        supernodes=20, gpus="0", insecure=True, connect_timeout=5.0,
+        supernodes=20, gpus="0", insecure=True, connect_timeout=5.0, resume_from="",
     )
     assert launcher.local_up(args) == 2
     err = capsys.readouterr().err

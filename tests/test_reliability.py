@@ -320,7 +320,7 @@ def test_local_up_refuses_a_mismatched_checkpoint_before_starting(tmp_path, chec
 
     _, peft = checkpoint_run
     results = tmp_path / "launch"
-    args = Namespace(profile="tiny", rounds=3, data=None, results=str(results), gpus="", supernodes=4, insecure=True, connect_timeout=1.0,
+    args = Namespace(profile="tiny", rounds=3, data=None, results=str(results), gpus="", supernodes=4, insecure=True, connect_timeout=1.0, resume_from="",
                      run_config=f"resume-from={peft} strategy.fraction-train=0.5 model.lora.peft-lora-r=4")
     assert local_up(args) == 2
     assert "model.lora.peft-lora-r: checkpoint 8, this run 4" in capsys.readouterr().err
