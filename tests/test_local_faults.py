@@ -49,6 +49,30 @@ def test_follow_run_waits_for_a_partly_written_line_and_skips_bad_ones(tmp_path,
     assert f"warning: skipped {metrics}'s unfinished last line (line 5)" in out
 
 
+def test_follow_run_waits_for_a_silent_superlink_counting_from_its_last_answer(tmp_path, monkeypatch, capsys):
+    """A SuperLink that stops answering (restarting, or a starved host) is waited for, with a
+    warning per attempt, for SUPERLINK_PATIENCE counted from its last answer (the first failed
+    call's own time included), then the follower gives up with how long it waited."""
+    clock = iter(range(0, 10_000, 100))  # each call to monotonic: 100 s later (a flwr call timing out)
+    monkeypatch.setattr(launcher.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(launcher, "POLL_SECONDS", 0)
+    monkeypatch.setattr(launcher, "SUPERLINK_PATIENCE", 250.0)
+    answers = iter([launcher.LaunchError("timed out"), "running", launcher.LaunchError("timed out"), launcher.LaunchError("timed out"),
+                    launcher.LaunchError("timed out")])
+
+    def status(run_id, env):
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(launcher, "run_status", status)
+    with pytest.raises(launcher.LaunchError, match=r"SuperLink unreachable for 300 s: timed out"):
+        launcher.follow_run("1", {}, tmp_path, None, ())
+    warnings = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("warning: no answer from the SuperLink")]
+    assert len(warnings) == 3 and "giving up after 250 s" in warnings[0]
+
+
 def test_read_jsonl_skips_and_counts_a_torn_line_and_append_starts_a_fresh_one(tmp_path, caplog):
     path = tmp_path / "metrics.jsonl"
     append_jsonl(path, _record(1))

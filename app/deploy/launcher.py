@@ -40,7 +40,9 @@ POLL_SECONDS = 2.0
 RESTART_DELAY_MAX = 5.0
 STABLE_SECONDS = 120.0
 MAX_QUICK_FAILURES = 30
-SUPERLINK_PATIENCE = 180.0  # seconds `fedtune` waits for a restarting SuperLink
+# Seconds `fedtune` waits for a SuperLink that does not answer (restarting, or too busy on a small
+# host) before it gives up following the run; the run itself goes on on the SuperLink meanwhile.
+SUPERLINK_PATIENCE = 600.0
 
 
 class LaunchError(RuntimeError):
@@ -246,17 +248,19 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
     """Print one line per finished round until the run ends; return its final status."""
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     metrics = run_dir / "metrics.jsonl"
-    offset, lines_read, skipped, unreachable_since = 0, 0, 0, None
+    offset, lines_read, skipped, answered = 0, 0, 0, time.monotonic()
     while True:
         if federation:
             federation.check(essential)
         try:
             status = run_status(run_id, env)
-            unreachable_since = None
+            answered = time.monotonic()
         except LaunchError as exc:  # the SuperLink restarting (flwr_json also turns timeouts into this): wait for it
-            unreachable_since = unreachable_since or time.monotonic()
-            if time.monotonic() - unreachable_since > SUPERLINK_PATIENCE:
-                raise LaunchError(f"SuperLink unreachable for {SUPERLINK_PATIENCE:.0f} s: {exc}") from None
+            silent = time.monotonic() - answered
+            if silent > SUPERLINK_PATIENCE:
+                raise LaunchError(f"SuperLink unreachable for {silent:.0f} s: {exc}") from None
+            print(f"warning: no answer from the SuperLink for {silent:.0f} s (giving up after {SUPERLINK_PATIENCE:.0f} s): {exc}",
+                  file=out, flush=True)
             status = "unknown"
         if metrics.exists():
             chunk = read_jsonl_from(metrics, offset, lines_read + 1)
