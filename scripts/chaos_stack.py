@@ -30,15 +30,6 @@ from app.deploy.smoke import AFTER_RUN, Stack, StackError, _ensure_results_dir  
 from chaos import check_checkpoints, rounds_done  # noqa: E402
 
 
-def training(stack: Stack) -> list[str]:
-    """SuperNode services running a ClientApp right now (they are in the round)."""
-    found = []
-    for c in stack.containers_by_role("supernode"):
-        if c.status == "running" and any("flwr-clientapp" in " ".join(p) for p in c.top()["Processes"]):
-            found.append(c.labels["com.docker.compose.service"])
-    return found
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--supernodes", type=int, default=20)
@@ -76,10 +67,10 @@ def main() -> int:
                 time.sleep(1)
                 continue
             time.sleep(rng.uniform(2.0, 10.0))  # somewhere inside the round
-            in_round = training(stack)
+            in_round = stack.training()
             if rounds_done(run) + 1 != current or not in_round:
                 continue  # the round ended meanwhile, or no node is training yet
-            node = rng.choice(sorted(in_round))
+            node = rng.choice(in_round)
             stack.crash(node)
             injected.append({"round": current, "fault": "supernode crashed", "node": node, "seconds": round(time.monotonic() - started, 1)})
             print(f"chaos: round {current}: crashed {node}", flush=True)

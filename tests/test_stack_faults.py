@@ -49,11 +49,6 @@ def _wait(what: str, stack: Stack, deadline: float, condition):
     return value
 
 
-def _running_clientapp(container) -> bool:
-    container.reload()
-    return container.status == "running" and any("flwr-clientapp" in " ".join(p) for p in container.top()["Processes"])
-
-
 def _corrupt_cache(tmp_path: Path, volume: str) -> Path:
     """A copy of the filled model cache whose base model weights are cut short."""
     corrupt = tmp_path / "corrupt-cache"
@@ -91,7 +86,7 @@ def test_stack_survives_node_crash_superlink_restart_and_serverapp_loss(images, 
 
         # 1. a SuperNode crashes mid-round; its restart policy brings it back
         crashed = stack.container(f"supernode-{CRASHED}")
-        _wait("supernode-1 training in round 1", stack, deadline, lambda: _running_clientapp(crashed) or _rounds(run_dir))
+        _wait("supernode-1 training in round 1", stack, deadline, lambda: f"supernode-{CRASHED}" in stack.training() or _rounds(run_dir))
         assert not _rounds(run_dir), "round 1 ended before supernode-1 could be crashed in it"
         stack.crash(f"supernode-{CRASHED}")
         _wait("supernode-1 restarted by its policy", stack, deadline,

@@ -125,6 +125,19 @@ class Stack:
                 raise StackError(f"timed out waiting for {service}\n" + self.failure_report(self.failed_services()))
             time.sleep(1)
 
+    def training(self) -> list[str]:
+        """SuperNode services running a ClientApp right now: the nodes in the current round."""
+        import docker
+
+        found = []
+        for c in self.containers_by_role("supernode"):
+            try:
+                if c.status == "running" and any("flwr-clientapp" in " ".join(p) for p in c.top()["Processes"] or []):
+                    found.append(c.labels["com.docker.compose.service"])
+            except docker.errors.APIError:  # it stopped between the listing and `top`
+                continue
+        return sorted(found)
+
     def crash(self, service: str) -> None:
         """SIGKILL the container's main process from the host, as the OOM killer or a fatal bug
         would: unlike `docker kill` (an operator's stop, which Docker's restart policies ignore by
