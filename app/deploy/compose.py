@@ -327,7 +327,7 @@ def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
         "fedtune", "run", "--superlink", SUPERLINK, "--nodes", str(spec.nodes), "--profile", spec.profile,
         "--root-certificates", str(paths.ca_cert), "--results", RESULTS,
         # after the ServerApp died: `FEDTUNE_RESUME_FROM=latest docker compose up ...` continues
-        # from the last checkpoint (README, "Faults")
+        # from the last checkpoint (README, "Reliability")
         "--resume-from", "${FEDTUNE_RESUME_FROM:-}",
     ]
     if spec.rounds is not None:
