@@ -25,5 +25,6 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     || echo "scripts/test.sh: could not install chromium; the report's browser test will fail" >&2
 fi
 export FLWR_TELEMETRY_ENABLED=0 PATH="$PWD/.venv/bin:$PATH"
-# -rs: every skipped test is listed with its reason (FEDTUNE_REQUIRE_DOCKER=1 turns Docker skips into failures)
-exec .venv/bin/python -m pytest -q -rs -p no:cacheprovider "$@" tests
+# -rfEs: every failure, error and skipped test (with its reason) in the closing summary
+# (FEDTUNE_REQUIRE_DOCKER=1 turns Docker skips into failures)
+exec .venv/bin/python -m pytest -q -rfEs -p no:cacheprovider "$@" tests
