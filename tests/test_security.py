@@ -90,7 +90,8 @@ def main(grid: Grid, context: Context) -> None:
     while not nodes:
         nodes = list(grid.get_node_ids())
         time.sleep(1)
-    grid.send_and_receive([Message(RecordDict(), dst_node_id=nodes[0], message_type="query")], timeout=120)
+    # every node: the SuperLink may still list a node stopped a moment ago first
+    grid.send_and_receive([Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes], timeout=120)
 
 
 @client.query()

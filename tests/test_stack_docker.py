@@ -100,7 +100,7 @@ def _probe_in_network(network: str, certs_volume: str, host: str, port: int, *sp
 # every certificate, key or secret a container's user can read, outside the installed software
 # and the system's public trust store
 READABLE_SECRETS = (
-    "find / -xdev \\( -path /proc -o -path /sys -o -path /usr -o -path /opt/venv -o -path /etc/ssl/certs \\) -prune -o -type f "
+    "find / \\( -path /proc -o -path /sys -o -path /dev -o -path /usr -o -path /opt/venv -o -path /etc/ssl/certs \\) -prune -o -type f "
     "\\( -name '*.key' -o -name '*.secret' -o -name '*.crt' -o -name '*.pub' -o -name '*.pem' \\) "
     "-readable -print 2>/dev/null"
 )
