@@ -52,7 +52,7 @@ def test_samples_the_visible_gpu_while_the_block_runs(monkeypatch):
     assert nvml.state["shutdown"]
 
 
-def test_utilisation_leaves_out_the_first_reading_which_describes_the_idle_time_before(monkeypatch):
+def test_without_a_sample_buffer_utilisation_leaves_out_the_first_reading_which_describes_idle_time(monkeypatch):
     """On the H200 the mean came out 3-12 points under nvidia-smi's over the same window: NVML's
     utilisation is the busy share of the period before each reading, so the first is idle."""
     monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml(used=[1, 1, 1], util=[0, 80, 80], count=1))
@@ -97,3 +97,45 @@ def test_memory_leaves_out_what_the_driver_reserves_as_nvidia_smi_does(monkeypat
         while len(monitor.memory) < 2:
             time.sleep(0.01)
     assert monitor.metrics()["gpu-mem-peak-bytes"] == 4 * 2**30
+
+
+def _fake_nvml_with_samples(buffer: list[tuple[int, int]]) -> types.ModuleType:
+    """The driver's utilisation sample buffer: (timestamp us, percent), appended to by the test."""
+    nvml = _fake_nvml(used=[1], util=[0], count=1)
+    nvml.NVML_GPU_UTILIZATION_SAMPLES = 1
+    nvml.NVMLError_NotFound = type("NVMLError_NotFound", (nvml.NVMLError,), {})
+
+    def samples(handle, kind, last_seen):
+        new = [types.SimpleNamespace(timeStamp=t, sampleValue=types.SimpleNamespace(uiVal=v)) for t, v in buffer if t > last_seen]
+        if not new:
+            raise nvml.NVMLError_NotFound()
+        return 1, new
+
+    nvml.nvmlDeviceGetSamples = samples
+    nvml.nvmlDeviceGetUtilizationRates = lambda h: (_ for _ in ()).throw(AssertionError("the buffer is there: no readings"))
+    return nvml
+
+
+def test_utilisation_is_every_driver_sample_in_the_window_and_none_before_it(monkeypatch):
+    """Readings every 0.5 s saw one 200 ms sample period in 2.5 (H200) and a 5 s round's mean
+    moved by up to 10 points with where they fell; the driver's buffer holds them all."""
+    buffer = [(1_000, 0), (1_200, 0)]  # idle before the round
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml_with_samples(buffer))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with GpuMonitor(interval=0.01) as monitor:
+        for stamp, value in ((1_400, 100), (1_600, 40), (1_800, 100)):
+            buffer.append((stamp, value))
+            time.sleep(0.03)
+        buffer.append((2_000, 60))  # after the last tick: taken when the block ends
+    assert monitor.utilisation == [100, 40, 100, 60]
+    assert monitor.metrics()["gpu-util-mean"] == 75.0
+
+
+def test_an_empty_sample_buffer_at_the_start_still_uses_the_buffer(monkeypatch):
+    buffer: list[tuple[int, int]] = []
+    monkeypatch.setitem(sys.modules, "pynvml", _fake_nvml_with_samples(buffer))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with GpuMonitor(interval=0.01) as monitor:
+        buffer.append((5, 30))
+        time.sleep(0.03)
+    assert monitor.utilisation == [30]
