@@ -71,7 +71,9 @@ def _own_fab_sha256_cached(cache: Path) -> str:
 def gated_clientapp(site_listed: set[str], own_hash_cache: Path) -> None:
     """flwr's `flwr-clientapp`, with the bundle checked before it is installed: its SHA-256 must
     be this installation's own app or one the site listed."""
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from app.flwr_patches import import_clientapp_command
+
+    flwr_clientapp = import_clientapp_command()  # without the SuperNode's own imports (issue 16)
     from flwr.supernode.runtime import run_clientapp
 
     install = getattr(run_clientapp, "install_from_fab", None)

@@ -351,6 +351,13 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
     # `--gpus` ids are nvidia-smi's indices (what the launcher's memory plan reads): make CUDA
     # number the GPUs the same way rather than fastest-first.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    from app.flwr_patches import PatchRefused, supernode_command
+
+    try:
+        command = supernode_command(os.environ)  # Flower's own, or with shorter waits (app/flwr_patches.py)
+    except PatchRefused as exc:
+        _say(str(exc))
+        return 2
     private_dir = None
     if socket_path is None:
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
@@ -364,7 +371,7 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
     try:
         env = dict(os.environ, **{SOCKET_ENV: socket_path}, **gate.env)
         # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
-        child = subprocess.Popen(["flower-supernode", *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
+        child = subprocess.Popen([*command, *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
 
         stop_requested: list[float] = []
 

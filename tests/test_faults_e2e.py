@@ -36,7 +36,8 @@ def _rounds(run: Path) -> list[dict]:
 
 
 def test_killed_supernode_and_trainer(tmp_path):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The SuperNodes run patched as on GPU hosts (app/flwr_patches.py): they too must survive these faults.
+    env = dict(os.environ, PYTHONUNBUFFERED="1", FEDTUNE_SUPERNODE_POLL_SECONDS="0.5")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "local", "up", "--profile", "tiny", "--supernodes", str(NODES), "--rounds", str(ROUNDS),
          "--results", str(tmp_path), "--run-config", f"strategy.fraction-train=1.0 strategy.round-timeout={TIMEOUT}"],
@@ -53,6 +54,7 @@ def test_killed_supernode_and_trainer(tmp_path):
         wait_until(lambda: len(_rounds(run)) >= 1, 300, "round 1")
         clientapp = wait_until(lambda: [p for p in _node_processes(tmp_path, 1) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 2 on node 1")
         assert clientapp
+        assert any("app.flwr_patches" in p.cmdline() for p in _node_processes(tmp_path, 1)), "the SuperNode is not the patched one"
         for p in _node_processes(tmp_path, 1):
             p.send_signal(signal.SIGKILL)
 

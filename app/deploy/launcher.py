@@ -26,6 +26,7 @@ from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ASSIGNED_GPU_ENV, ConfigError, load_settings, parse_overrides, with_explicit_keys
+from app.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
 from app.lifeline import die_with_parent
 from app.report import read_jsonl_from
 from app.run_eval import add_eval_options
@@ -406,6 +407,7 @@ def local_up(args) -> int:
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
                 node_env["CUDA_VISIBLE_DEVICES"] = node_env[ASSIGNED_GPU_ENV] = gpus[i % len(gpus)]
+                node_env.setdefault(POLL_ENV, GPU_POLL_SECONDS)  # set empty: Flower's own 3 s (app/flwr_patches.py)
             if paths is not None:  # only registered keys may join: register before the node starts
                 register_node(paths, i, env, federation, essential)
             federation.start(

@@ -1,0 +1,130 @@
+"""The runtime patches of flwr 1.42.0 (app/flwr_patches.py): what they change, and that they refuse any other flwr."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from app import flwr_patches
+from app.flwr_patches import POLL_ENV, PatchRefused
+
+
+def test_poll_setting_is_checked_and_names_itself():
+    assert flwr_patches.poll_seconds({}) is None
+    assert flwr_patches.poll_seconds({POLL_ENV: ""}) is None  # set empty: Flower's own waits
+    assert flwr_patches.poll_seconds({POLL_ENV: "0.5"}) == 0.5
+    for bad in ("fast", "0.05", "10", "nan"):
+        with pytest.raises(PatchRefused, match=f"{POLL_ENV}=.*between 0.2 and 3"):
+            flwr_patches.poll_seconds({POLL_ENV: bad})
+
+
+def test_the_supernode_command_is_flowers_own_unless_the_poll_is_set():
+    assert flwr_patches.supernode_command({}) == ["flower-supernode"]
+    assert flwr_patches.supernode_command({POLL_ENV: "0.5"}) == [sys.executable, "-m", "app.flwr_patches"]
+
+
+def test_any_other_flwr_is_refused(monkeypatch):
+    monkeypatch.setattr(flwr_patches, "installed_flwr", lambda: "1.43.0")
+    with pytest.raises(PatchRefused, match="patches flwr 1.42.0's SuperNode; this is flwr 1.43.0"):
+        flwr_patches.supernode_command({POLL_ENV: "0.5"})
+    with pytest.raises(PatchRefused, match="1.43.0"):
+        flwr_patches.apply(0.5)
+    assert flwr_patches.supernode_command({}) == ["flower-supernode"]  # unset: nothing patched, nothing refused
+
+
+def test_the_supernode_waits_are_shortened_and_nothing_else(monkeypatch):
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after the test
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    flwr_patches.apply(0.5)
+    for asked in (3, 0.5, 1, 2.5):
+        start_client_internal.time.sleep(asked)
+    assert slept == [0.5, flwr_patches.REPLY_WAIT_SECONDS, 1, 2.5]
+    assert start_client_internal.time.monotonic is time.monotonic  # the rest of `time` is untouched
+
+
+def test_a_changed_supernode_source_is_refused(monkeypatch):
+    """The literals it replaces are checked in the source: a same-numbered flwr with other waits is not patched blind."""
+    monkeypatch.setattr(flwr_patches, "IDLE_SLEEP", 4)
+    with pytest.raises(PatchRefused, match="is not flwr 1.42.0's"):
+        flwr_patches.apply(0.5)
+
+
+def _clientapp_imports(installed: str) -> dict:
+    code = (
+        "import json, sys\n"
+        "from app import flwr_patches\n"
+        f"flwr_patches.installed_flwr = lambda: {installed!r}\n"
+        "entry = flwr_patches.import_clientapp_command()\n"
+        "print(json.dumps({'entry': entry.__module__ + '.' + entry.__name__,"
+        " 'sqlalchemy': 'sqlalchemy' in sys.modules,"
+        " 'supernode': 'flwr.supernode.cli.flower_supernode' in sys.modules}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_clientapp_process_does_not_import_the_supernode():
+    """On flwr 1.42.0 the ClientApp entry comes without the SuperNode's object store (sqlalchemy);
+    on another flwr it is the ordinary import (which does bring it: so the check can tell)."""
+    entry = "flwr.supernode.cli.flwr_clientapp.flwr_clientapp"
+    assert _clientapp_imports("1.42.0") == {"entry": entry, "sqlalchemy": False, "supernode": False}
+    assert _clientapp_imports("1.43.0") == {"entry": entry, "sqlalchemy": True, "supernode": True}
+
+
+def test_a_patched_supernode_polls_the_superlink_at_the_set_period(tmp_path):
+    """Real processes: a SuperLink and two `fedtune supernode`s, one with the poll set. Over the same
+    idle stretch the SuperLink sees the patched node ask about every 0.5 s and the other every 3 s."""
+    from app.deploy.launcher import flower_env, free_port
+
+    port = free_port()
+    env = flower_env(tmp_path / "home")
+    procs, logs = [], {}
+
+    def start(name: str, command: list[str], extra: dict[str, str]) -> None:
+        logs[name] = tmp_path / f"{name}.log"
+        with open(logs[name], "wb") as handle:
+            procs.append(subprocess.Popen(command, env={**env, **extra}, stdout=handle, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+
+    def node(name: str, extra: dict[str, str]) -> None:
+        start(name, [sys.executable, "-m", "app.cli", "supernode", "--", "--insecure", "--superlink", f"127.0.0.1:{port}",
+                     "--port", str(free_port()), "--node-config", "partition-id=0 num-partitions=1"],
+              {"FLWR_HOME": str(tmp_path / name), **extra})
+
+    def node_id(name: str) -> str | None:
+        found = re.search(r"SuperNode ID: (\d+)", logs[name].read_text(errors="replace"))
+        return found.group(1) if found else None
+
+    try:
+        start("superlink", ["flower-superlink", "--insecure", "--port", str(port)], {"FLWR_LOG_LEVEL": "DEBUG"})
+        node("patched", {POLL_ENV: "0.5"})
+        node("stock", {POLL_ENV: ""})
+        deadline = time.monotonic() + 180
+        while not (node_id("patched") and node_id("stock")):
+            assert time.monotonic() < deadline, {n: p.read_text(errors="replace")[-2000:] for n, p in logs.items()}
+            time.sleep(0.5)
+        time.sleep(3)  # both past their first polls
+        before = logs["superlink"].read_text(errors="replace")
+        time.sleep(12)
+        window = logs["superlink"].read_text(errors="replace")[len(before):]
+        polls = {n: len(re.findall(rf"\[Fleet.PullMessages\] node_id={node_id(n)}\b", window)) for n in ("patched", "stock")}
+        assert 14 <= polls["patched"] <= 26, polls  # 12 s / 0.5 s = 24, less each request's own time
+        assert 3 <= polls["stock"] <= 5, polls  # 12 s / 3 s = 4
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
