@@ -91,7 +91,11 @@ def results_table(data: RunData) -> list[dict[str, Any]]:
     ev = data.evaluation or {}
     accuracies = ev.get("accuracies", {})
     this = {name: accuracies.get(name) for name in BENCHMARKS}
-    rows = [{"label": "this run" + (" (tiny model, random weights)" if ev.get("random_weights") else ""),
+    # Said in the row itself, so the numbers are never read as the recipe's: the 8B-shaped benchmark
+    # model has random weights too, and is not the tiny one.
+    notes = [n for n, on in (("tiny model", (ev.get("profile") or data.config.get("profile")) == "tiny"),
+                             ("random weights", ev.get("random_weights"))) if on]
+    rows = [{"label": "this run" + (f" ({', '.join(notes)})" if notes else ""),
              "accuracies": this, "average": ev.get("average") if len(accuracies) == len(BENCHMARKS) else None,
              "communication_mb": communication_mb(data.rounds)}]
     for label, reference, comm_mb in REFERENCES:

@@ -18,10 +18,18 @@ def test_table_has_this_run_next_to_the_seed_and_the_leaderboard(tmp_path):
     assert this["accuracies"] == ACCURACIES
     assert this["average"] == pytest.approx(0.3125)
     assert this["communication_mb"] == pytest.approx(48.0)
-    assert "random weights" in this["label"]
+    assert this["label"] == "this run (tiny model, random weights)"
     assert seed["accuracies"] == {"pubmedqa": 0.6960, "medmcqa": 0.5912, "medqa": 0.6394, "careqa": 0.5318}
     assert seed["average"] == pytest.approx(0.6146, abs=5e-5) and seed["communication_mb"] == 3000.96
     assert best["accuracies"] == {"pubmedqa": 0.7040, "medmcqa": 0.6093, "medqa": 0.6582, "careqa": 0.5536}
+
+
+def test_the_8b_shaped_random_model_is_not_called_tiny(tmp_path):
+    run_dir = make_run(tmp_path)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    (run_dir / "eval" / "summary.json").write_text(json.dumps(dict(summary, profile="bio-medical-llama3-8b")))
+    (run_dir / "config.json").write_text(json.dumps({"profile": "bio-medical-llama3-8b"}))
+    assert results_table(load_run(run_dir))[0]["label"] == "this run (random weights)"
 
 
 def test_markdown_holds_all_four_accuracies_profile_and_model(tmp_path):
@@ -83,7 +91,7 @@ def test_a_run_without_evaluation_timestamps_or_gpu_still_gets_a_report(tmp_path
     page, text = render_html(data), render_markdown(data)
     assert re.findall(r'data-chart="([\w-]+)"', page) == ["loss", "communication"]
     assert "no per-message timestamps" in page and "No GPU samples" in page
-    assert "| this run | n/a | n/a | n/a | n/a | n/a | 48.00 |" in text
+    assert "| this run (tiny model) | n/a | n/a | n/a | n/a | n/a | 48.00 |" in text
     assert "evaluation: not run" in text
 
 
