@@ -10,7 +10,12 @@
    FEDTUNE_SUPERNODE_POLL_SECONDS and the reply waits to REPLY_WAIT_SECONDS; nothing else changes.
    The idle poll is a request to the SuperLink per node and period (20 nodes at 0.5 s: 40 a
    second), so the launcher and the compose files set it for GPU deployments only.
-2. A ClientApp process that does not import the SuperNode. `flwr-clientapp` lives in
+2. A short first retry when a message's objects are not uploaded yet. A SuperLink publishes a
+   message before its objects arrive, and flwr's `pull_objects` first waits a fixed 1 s (then 2,
+   4, ... 10 s) when it finds one missing: on the H200 the ServerApp's pull of a reply hit that
+   1 s in 2 rounds of 3. `shorten_pull_retry` makes the first wait PULL_RETRY_SECONDS (the
+   doubling and the cap stay), in the ServerApp's process and in the patched SuperNode's.
+3. A ClientApp process that does not import the SuperNode. `flwr-clientapp` lives in
    `flwr.supernode.cli`, whose package imports `flower_supernode` and with it the SuperNode's
    object store (sqlalchemy, alembic), which a ClientApp process never uses; a process starts
    per message. `import_clientapp_command` imports the command's own module alone.
@@ -20,6 +25,7 @@ both upstream.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import sys
@@ -29,6 +35,7 @@ POLL_ENV = "FEDTUNE_SUPERNODE_POLL_SECONDS"
 PATCHED_VERSION = "1.42.0"
 IDLE_SLEEP, REPLY_SLEEP = 3, 0.5  # flwr 1.42.0's literals, checked against its source below
 REPLY_WAIT_SECONDS = 0.1  # local: the SuperNode's own state, no request leaves the node
+PULL_RETRY_SECONDS = 0.1  # then 0.2, 0.4, ...: four requests more than flwr's before its own 1 s
 POLL_RANGE = (0.2, 3.0)
 GPU_POLL_SECONDS = "0.5"  # what the launcher and compose files set for GPU nodes unless the environment does
 
@@ -85,6 +92,18 @@ def apply(idle: float) -> None:
     if source.count(f"time.sleep({IDLE_SLEEP})") != 1 or source.count(f"time.sleep({REPLY_SLEEP})") != 2:
         raise PatchRefused(f"{target.__file__} is not flwr {PATCHED_VERSION}'s: unset {POLL_ENV}")
     target.time = _Waits(idle)
+    shorten_pull_retry(target)
+
+
+def shorten_pull_retry(module) -> bool:
+    """`module.pull_objects` (flwr's, as the SuperNode and the ServerApp's grid import it) with
+    its first retry after PULL_RETRY_SECONDS; False, and nothing changed, on any other flwr."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    if installed_flwr() != PATCHED_VERSION or getattr(module, "pull_objects", None) is not inflatable_utils.pull_objects:
+        return False
+    module.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=PULL_RETRY_SECONDS)
+    return True
 
 
 def import_clientapp_command():

@@ -34,11 +34,13 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
+from flwr.superlink.grid import http_grid
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from app import comm
 from app.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.config import Settings, load_settings
+from app.flwr_patches import PATCHED_VERSION, shorten_pull_retry
 from app.report import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -361,6 +363,8 @@ def prepare_run_dir(results_dir: str, run_id: int) -> Path:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = load_settings(dict(context.run_config))
+    if not shorten_pull_retry(http_grid):  # the grid's reply pulls: app/flwr_patches.py
+        log.info("replies are pulled with flwr's own retry waits (the patch is for flwr %s)", PATCHED_VERSION)
     flat = settings.flat()
     run_dir = prepare_run_dir(settings.results.dir, context.run_id)
     # Checked before any node works: a bad checkpoint fails the run at once, naming what differs.

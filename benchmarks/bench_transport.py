@@ -6,7 +6,10 @@ state database, a SuperExec running the ServerApp, N SuperNodes spawning a Clien
 message) run the torch-free echo app in benchmarks/transport_app: the ServerApp sends an
 adapter-shaped bfloat16 state of --size-mib (the seed adapter's 192 tensors, scaled) through
 app.comm with each layout and the app's own exchange(); each ClientApp decodes and echoes it.
-SuperNodes are plain flower-supernode (the launcher's wrapper only adds a resident trainer).
+SuperNodes are flower-supernode without the launcher's wrapper (which adds a resident trainer
+and the bundle allowlist, whose ClientApp entry leaves out the SuperNode's imports: that saving
+is measured by import time, BENCHMARKS.md "Process start"). `--flwr-patches on` runs them and
+the echo ServerApp with app/flwr_patches.py's shorter waits, as on GPU hosts.
 
 One federation serves all runs; runs alternate between layouts (A, B, A, B ...) so that a
 shared host's load falls on both. A round is timed by the ServerApp from encoding to the last
@@ -15,6 +18,8 @@ reply decoded.
     python benchmarks/bench_transport.py --size-mib 26 --clients 1 --rounds 4 --layouts per-array,default --json OUT.json
     ... --flower-settings off          # Flower's own defaults instead of the launcher's FLOWER_SETTINGS
     ... --set FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE=67108864   # any other Flower setting, for every process
+    ... --flwr-patches on              # SuperNode poll 0.5 s, short reply waits and pull retries
+    ... --idle-cpu 30 --layouts ''     # what idle SuperNodes' polling costs the SuperLink (CPU share over 30 s)
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from app.deploy import launcher  # noqa: E402
 from app.deploy.certs import ensure_certs  # noqa: E402
+from app.flwr_patches import GPU_POLL_SECONDS, POLL_ENV, supernode_command  # noqa: E402
 
 ECHO_APP = REPO / "benchmarks" / "transport_app"
 # Flower 1.42's value of every setting the launcher changes: what `--flower-settings off` restores.
@@ -50,7 +56,7 @@ def app_layout(name: str) -> str:
     return name
 
 
-def start(work: Path, clients: int) -> tuple[launcher.Federation, dict[str, str]]:
+def start(work: Path, clients: int, patches: bool) -> tuple[launcher.Federation, dict[str, str]]:
     env = launcher.flower_env(work / "flwr-home")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # the echo app imports app.comm
     port = launcher.free_port()
@@ -67,12 +73,13 @@ def start(work: Path, clients: int) -> tuple[launcher.Federation, dict[str, str]
         env,
     )
     federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], env)
+    node_env = dict(env, **{POLL_ENV: GPU_POLL_SECONDS if patches else ""})
     for i in range(clients):
         launcher.register_node(paths, i, env, federation, ESSENTIAL)
         federation.start(
             f"supernode-{i}",
-            ["flower-supernode", *security["supernode"](i), "--superlink", address, "--port", str(launcher.free_port())],
-            dict(env, FLWR_HOME=str(work / f"node-{i}")),
+            [*supernode_command(node_env), *security["supernode"](i), "--superlink", address, "--port", str(launcher.free_port())],
+            dict(node_env, FLWR_HOME=str(work / f"node-{i}")),
         )
     launcher.wait_for_nodes(clients, env, federation, ESSENTIAL, 300, out=open(os.devnull, "w"))
     return federation, env
@@ -83,12 +90,29 @@ ESSENTIAL = ("superexec", "superlink")
 
 def run_once(env, federation, work: Path, layout: str, args, tag: str) -> list[dict]:
     out = work / f"{tag}.json"
-    config = {"size-mib": float(args.size_mib), "layout": app_layout(layout), "rounds": args.rounds, "clients": args.clients, "out": str(out)}
+    config = {"size-mib": float(args.size_mib), "layout": app_layout(layout), "rounds": args.rounds, "clients": args.clients, "out": str(out),
+              "short-pull-retry": args.flwr_patches == "on"}
     run_id = launcher.submit(env, config, app_dir=ECHO_APP)
     status = launcher.follow_run(run_id, env, work / "no-run-dir", federation, ESSENTIAL, out=open(os.devnull, "w"))
     if status != "finished:completed" or not out.exists():
         raise SystemExit(f"run {run_id} ({layout}) ended {status}; logs in {work / 'logs'}")
     return json.loads(out.read_text())
+
+
+def superlink_idle_cpu(federation: launcher.Federation, seconds: float) -> float:
+    """The SuperLink's CPU time (its process and children) per wall second while the nodes idle."""
+    import psutil
+
+    proc = psutil.Process(federation.processes["superlink"].pid)
+
+    def cpu() -> float:
+        times = proc.cpu_times()
+        return times.user + times.system + sum(c.cpu_times().user + c.cpu_times().system for c in proc.children(recursive=True))
+
+    time.sleep(5)  # past the nodes' first requests
+    before, started = cpu(), time.monotonic()
+    time.sleep(seconds)
+    return (cpu() - before) / (time.monotonic() - started)
 
 
 def metadata() -> dict:
@@ -114,6 +138,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per layout, interleaved")
     parser.add_argument("--flower-settings", choices=("on", "off"), default="on", help="the launcher's FLOWER_SETTINGS, or Flower's defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an environment setting for every process")
+    parser.add_argument("--flwr-patches", choices=("on", "off"), default="off", help="app/flwr_patches.py's shorter waits (GPU hosts' default)")
+    parser.add_argument("--idle-cpu", type=float, default=0, metavar="SECONDS", help="first measure the SuperLink's CPU while the nodes idle")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     layouts = [x for x in args.layouts.split(",") if x]
@@ -126,7 +152,8 @@ def main(argv=None) -> int:
     federation = None
     rounds: dict[str, list[dict]] = {layout: [] for layout in layouts}
     try:
-        federation, env = start(work, args.clients)
+        federation, env = start(work, args.clients, args.flwr_patches == "on")
+        idle_cpu = superlink_idle_cpu(federation, args.idle_cpu) if args.idle_cpu else None
         for rep in range(args.repeats):
             for layout in layouts:
                 rows = run_once(env, federation, work, layout, args, f"{layout}-{rep}")
@@ -150,11 +177,14 @@ def main(argv=None) -> int:
             "layout": app_layout(layout),
         }
     result["config"] = {"size_mib": args.size_mib, "clients": args.clients, "rounds": args.rounds, "repeats": args.repeats,
-                        "flower_settings": settings, "tls": True}
+                        "flower_settings": settings, "flwr_patches": args.flwr_patches, "tls": True}
     result["database_locked_lines"] = locked
+    if idle_cpu is not None:
+        result["superlink_idle_cpu_share"] = round(idle_cpu, 4)
+        print(f"SuperLink CPU with {args.clients} idle SuperNode(s): {idle_cpu:.1%} of a core over {args.idle_cpu:g} s")
     result["load_average"] = {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]}
     result.update(metadata())
-    print(f"\n{args.size_mib:g} MiB, {args.clients} client(s), settings {settings}, load {load_before[0]:.1f}->{result['load_average']['after'][0]:.1f}")
+    print(f"\n{args.size_mib:g} MiB, {args.clients} client(s), settings {settings}, flwr patches {args.flwr_patches}, load {load_before[0]:.1f}->{result['load_average']['after'][0]:.1f}")
     print(f"{'layout':>10} {'arrays':>6} {'median s':>9} {'min-max s':>13}")
     for layout in layouts:
         r = result[layout]

@@ -43,6 +43,7 @@ def test_the_supernode_waits_are_shortened_and_nothing_else(monkeypatch):
     from flwr.supernode import start_client_internal
 
     monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)  # restored after the test
+    monkeypatch.setattr(start_client_internal, "pull_objects", start_client_internal.pull_objects)
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
     flwr_patches.apply(0.5)
@@ -50,6 +51,7 @@ def test_the_supernode_waits_are_shortened_and_nothing_else(monkeypatch):
         start_client_internal.time.sleep(asked)
     assert slept == [0.5, flwr_patches.REPLY_WAIT_SECONDS, 1, 2.5]
     assert start_client_internal.time.monotonic is time.monotonic  # the rest of `time` is untouched
+    assert start_client_internal.pull_objects.keywords == {"initial_backoff": flwr_patches.PULL_RETRY_SECONDS}
 
 
 def test_a_changed_supernode_source_is_refused(monkeypatch):
@@ -128,3 +130,37 @@ def test_a_patched_supernode_polls_the_superlink_at_the_set_period(tmp_path):
             except ProcessLookupError:
                 pass
             proc.wait()
+
+
+def test_a_missing_object_is_retried_after_a_tenth_of_a_second_not_flowers_second(monkeypatch):
+    """A SuperLink publishes a reply before its objects arrive; the ServerApp's pull then waited 1 s."""
+    from flwr.superlink.grid import http_grid
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+
+    def pull_once() -> float:
+        calls: list[str] = []
+
+        def pull_object(object_id: str) -> bytes:
+            calls.append(object_id)
+            if len(calls) == 1:
+                raise ObjectUnavailableError(object_id)  # still uploading
+            return b"content"
+
+        started = time.monotonic()
+        assert http_grid.pull_objects(["id"], pull_object_fn=pull_object) == {"id": b"content"}
+        return time.monotonic() - started
+
+    assert pull_once() >= 0.75  # flwr's first wait: 1 s, +-20 %
+    assert flwr_patches.shorten_pull_retry(http_grid)
+    assert pull_once() < 0.3
+
+
+def test_the_pull_retry_is_left_alone_on_another_flwr(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    original = http_grid.pull_objects
+    monkeypatch.setattr(flwr_patches, "installed_flwr", lambda: "1.43.0")
+    assert not flwr_patches.shorten_pull_retry(http_grid)
+    assert http_grid.pull_objects is original

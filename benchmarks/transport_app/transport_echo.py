@@ -52,9 +52,14 @@ def echo(msg: Message, context: Context) -> Message:
 
 @server.main()
 def main(grid: Grid, context: Context) -> None:
+    from flwr.superlink.grid import http_grid
+
+    from app.flwr_patches import shorten_pull_retry
     from app.server_app import exchange, wait_for_nodes  # the app's own push/poll loop
 
     cfg = context.run_config
+    if cfg["short-pull-retry"]:
+        shorten_pull_retry(http_grid)
     clients, layout = int(cfg["clients"]), str(cfg["layout"])
     shapes = adapter_shapes(float(cfg["size-mib"]))
     state = make_state(shapes)
