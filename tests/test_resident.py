@@ -274,8 +274,16 @@ def wrapper_in_this_process(tmp_path, monkeypatch):
     handlers = {s: signal_module.getsignal(s) for s in (signal_module.SIGTERM, signal_module.SIGINT, signal_module.SIGHUP)}
     path = str(tmp_path / "run" / "t.sock")
 
+    def supernode_started() -> bool:  # only after the watchdog saw its trainer answer (else a test's
+        # SIGSTOP could land between the trainer's first answer and the wrapper's own ping)
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.Error):
+                if "flower-supernode" in " ".join(child.cmdline()):
+                    return True
+        return False
+
     def ready():  # the wrapper's trainer, once it answers
-        return trainer_service._answers(path) and _trainers(psutil.Process())
+        return trainer_service._answers(path) and supernode_started() and _trainers(psutil.Process())
 
     yield (lambda: run_supernode(["--insecure"], path)), stop, ready
     stop.write_text("")
