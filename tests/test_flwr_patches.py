@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from processes import Processes
+from waiting import wait_until
 
 from app import flwr_patches
 from app.flwr_patches import POLL_ENV, PatchRefused
@@ -90,46 +90,23 @@ def test_a_patched_supernode_polls_the_superlink_at_the_set_period(tmp_path):
     from app.deploy.launcher import flower_env, free_port
 
     port = free_port()
-    env = flower_env(tmp_path / "home")
-    procs, logs = [], {}
+    with Processes(tmp_path / "logs", flower_env(tmp_path / "home")) as procs:
+        superlink = procs.start("superlink", ["flower-superlink", "--insecure", "--port", str(port)], {"FLWR_LOG_LEVEL": "DEBUG"})
+        logs = {"patched": procs.supernode("patched", port, tmp_path / "patched", {POLL_ENV: "0.5"}),
+                "stock": procs.supernode("stock", port, tmp_path / "stock", {POLL_ENV: ""})}
 
-    def start(name: str, command: list[str], extra: dict[str, str]) -> None:
-        logs[name] = tmp_path / f"{name}.log"
-        with open(logs[name], "wb") as handle:
-            procs.append(subprocess.Popen(command, env={**env, **extra}, stdout=handle, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+        def node_id(name: str) -> str | None:
+            found = re.search(r"SuperNode ID: (\d+)", logs[name].read_text(errors="replace"))
+            return found.group(1) if found else None
 
-    def node(name: str, extra: dict[str, str]) -> None:
-        start(name, [sys.executable, "-m", "app.cli", "supernode", "--", "--insecure", "--superlink", f"127.0.0.1:{port}",
-                     "--port", str(free_port()), "--node-config", "partition-id=0 num-partitions=1"],
-              {"FLWR_HOME": str(tmp_path / name), **extra})
-
-    def node_id(name: str) -> str | None:
-        found = re.search(r"SuperNode ID: (\d+)", logs[name].read_text(errors="replace"))
-        return found.group(1) if found else None
-
-    try:
-        start("superlink", ["flower-superlink", "--insecure", "--port", str(port)], {"FLWR_LOG_LEVEL": "DEBUG"})
-        node("patched", {POLL_ENV: "0.5"})
-        node("stock", {POLL_ENV: ""})
-        deadline = time.monotonic() + 180
-        while not (node_id("patched") and node_id("stock")):
-            assert time.monotonic() < deadline, {n: p.read_text(errors="replace")[-2000:] for n, p in logs.items()}
-            time.sleep(0.5)
+        wait_until(lambda: node_id("patched") and node_id("stock"), 180, "both SuperNodes to connect")
         time.sleep(3)  # both past their first polls
-        before = logs["superlink"].read_text(errors="replace")
+        before = superlink.read_text(errors="replace")
         time.sleep(12)
-        window = logs["superlink"].read_text(errors="replace")[len(before):]
+        window = superlink.read_text(errors="replace")[len(before):]
         polls = {n: len(re.findall(rf"\[Fleet.PullMessages\] node_id={node_id(n)}\b", window)) for n in ("patched", "stock")}
         assert 14 <= polls["patched"] <= 26, polls  # 12 s / 0.5 s = 24, less each request's own time
         assert 3 <= polls["stock"] <= 5, polls  # 12 s / 3 s = 4
-    finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
 
 
 def test_a_missing_object_is_retried_after_a_tenth_of_a_second_not_flowers_second(monkeypatch):

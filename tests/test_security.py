@@ -6,11 +6,12 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from processes import Processes
 
 from app.checkpoint import save_adapter
 from app.config import load_settings
@@ -136,22 +137,6 @@ def test_supernode_refuses_a_bundle_its_site_did_not_approve(tmp_path):
     env = flower_env(tmp_path / "flwr-home")
     port = free_port()
     write_cli_config(tmp_path / "flwr-home", f"127.0.0.1:{port}", None)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    procs = []
-
-    def start(name: str, command: list[str], extra: dict[str, str]) -> Path:
-        log = logs / f"{name}.log"
-        with open(log, "ab") as handle:
-            procs.append(subprocess.Popen(command, env={**env, **extra}, stdout=handle, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
-        return log
-
-    def supernode(extra: dict[str, str]) -> Path:
-        return start(f"supernode-{len(procs)}", [sys.executable, "-m", "app.cli", "supernode", "--", "--insecure",
-                                                 "--superlink", f"127.0.0.1:{port}", "--port", str(free_port()),
-                                                 "--node-config", "partition-id=0 num-partitions=1"],
-                     {"FLWR_HOME": str(tmp_path / f"node-{len(procs)}"), "FEDTUNE_TEST_MARKER": str(marker), **extra})
 
     def submit_and_wait(log: Path, until) -> str:
         deadline = time.monotonic() + 300
@@ -166,22 +151,16 @@ def test_supernode_refuses_a_bundle_its_site_did_not_approve(tmp_path):
             time.sleep(1)
         return log.read_text()
 
-    try:
-        start("superlink", ["flower-superlink", "--insecure", "--port", str(port)], {})
-        first = supernode({})
+    with Processes(tmp_path / "logs", env) as procs:
+        procs.start("superlink", ["flower-superlink", "--insecure", "--port", str(port)])
+        first = procs.supernode("supernode-1", port, tmp_path / "node-1", {"FEDTUNE_TEST_MARKER": str(marker)})
         text = submit_and_wait(first, lambda: "not approved by this site" in first.read_text() or marker.exists())
         assert not marker.exists(), "the refused bundle's code ran on the SuperNode"
         assert "app bundle sha256 " + fab_sha256(build_fab_from_disk(app_dir)) in text
         assert not list((tmp_path / "node-1").rglob("intruder.py")), "the refused bundle was unpacked"
 
-        os.killpg(procs[-1].pid, signal.SIGTERM)
-        procs[-1].wait(timeout=60)
-        second = supernode({"FEDTUNE_ALLOWED_FABS": fab_sha256(build_fab_from_disk(app_dir))})
+        os.killpg(procs.procs[-1].pid, signal.SIGTERM)
+        procs.procs[-1].wait(timeout=60)
+        second = procs.supernode("supernode-2", port, tmp_path / "node-2",
+                                 {"FEDTUNE_TEST_MARKER": str(marker), "FEDTUNE_ALLOWED_FABS": fab_sha256(build_fab_from_disk(app_dir))})
         submit_and_wait(second, marker.exists)
-    finally:
-        for proc in procs:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
