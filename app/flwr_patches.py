@@ -1,4 +1,5 @@
-"""Runtime patches of flwr 1.42.0 for round latency (issue 16); any other flwr is refused.
+"""Runtime patches of flwr 1.42.0 for round latency (issue 16), applied to that version only: on
+any other flwr the poll setting is refused with an error and the other two are left out.
 
 1. `flower-supernode` with shorter waits. flwr 1.42's SuperNode (`flwr.supernode.start_client_internal`)
    cannot be told how often to poll:
@@ -20,7 +21,7 @@
    object store (sqlalchemy, alembic), which a ClientApp process never uses; a process starts
    per message. `import_clientapp_command` imports the command's own module alone.
 BENCHMARKS.md ("Transport") has the measured effect of each; docs/upstream-transport.md proposes
-both upstream.
+each upstream.
 """
 
 from __future__ import annotations
@@ -129,7 +130,7 @@ def supernode_command(environ: dict[str, str]) -> list[str]:
 
 
 def main() -> int:
-    """`python -m app.supernode_poll <flower-supernode arguments>`, FEDTUNE_SUPERNODE_POLL_SECONDS set."""
+    """`python -m app.flwr_patches <flower-supernode arguments>`, FEDTUNE_SUPERNODE_POLL_SECONDS set."""
     try:
         idle = poll_seconds(os.environ)
         if idle is None:
