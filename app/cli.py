@@ -12,12 +12,12 @@ import sys
 COMMANDS = {
     "local": "app.deploy.launcher",
     "run": "app.deploy.launcher",
-    "supernode": "app.trainer_service",
+    "supernode": "app.training.trainer_service",
     "certs": "app.deploy.certs",
     "eval": "app.evaluation.cli",
     "stack": "app.deploy.stack",
-    "report": "app.run_report",
-    "eval-run": "app.run_eval",
+    "report": "app.results.report",
+    "eval-run": "app.evaluation.run_eval",
 }
 
 

@@ -1,7 +1,7 @@
 """ClientApp: trains the DoRA adapter on this node's partition for one round.
 
 The round runs in the node's resident trainer when one is reachable (see
-app/trainer_service.py), otherwise in this process; both run the same `RoundWorker`.
+app/training/trainer_service.py), otherwise in this process; both run the same `RoundWorker`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
-from app.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout
-from app.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
+from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout
+from app.training.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
 
 log = logging.getLogger(__name__)
 app = ClientApp()

@@ -23,7 +23,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 ENV_PREFIX = "FEDTUNE_"
 # The GPU a node was given (`fedtune local up --gpus`, the compose GPU plan); unset on CPU-only
-# nodes. Not a configuration key: a node given a GPU that CUDA cannot see refuses to train (app.model).
+# nodes. Not a configuration key: a node given a GPU that CUDA cannot see refuses to train (app.training.model).
 ASSIGNED_GPU_ENV = "FEDTUNE_GPU"
 SEED_PROFILE = "bio-medical-llama3-8b"
 
@@ -105,7 +105,7 @@ class StrategySettings(_Section):
     on_too_few_replies: Literal["retry", "skip", "fail"] = "retry"
     max_retries: int = Field(2, ge=0)
     # A reply claiming more examples than this is refused, so no node takes all the weight.
-    # 0: the partition size of a dataset the ServerApp knows (app/data.py), else no bound.
+    # 0: the partition size of a dataset the ServerApp knows (app/training/data.py), else no bound.
     max_num_examples: int = Field(0, ge=0)
 
 
@@ -119,12 +119,12 @@ class DatasetSettings(_Section):
 
 
 class TrainerSettings(_Section):
-    # Keep the base model in a long-lived process per SuperNode (see app/trainer_service.py).
+    # Keep the base model in a long-lived process per SuperNode (see app/training/trainer_service.py).
     resident: bool = True
     connect_timeout: float = Field(5.0, gt=0.0)
     # A resident trainer that takes longer than load-seconds + steps x step-seconds for a round
     # counts as hung: its ClientApp trains in-process, its SuperNode restarts it
-    # (app/trainer_service.py request_timeout). Measured (BENCHMARKS.md, 8B on one H200): 0.86 s
+    # (app/training/trainer_service.py request_timeout). Measured (BENCHMARKS.md, 8B on one H200): 0.86 s
     # per step, 41 s for a warm-up round with the model load; 20 trainers share 8 GPUs.
     load_seconds: float = Field(900.0, gt=0.0)
     step_seconds: float = Field(60.0, gt=0.0)

@@ -38,10 +38,10 @@ from flwr.superlink.grid import http_grid
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from app import comm
-from app.checkpoint import check_same_layout, load_resume_point, save_adapter
+from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.config import Settings, load_settings
-from app.flwr_patches import PATCHED_VERSION, shorten_pull_retry
-from app.report import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
+from app.node.flwr_patches import PATCHED_VERSION, shorten_pull_retry
+from app.results.metrics import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -308,7 +308,7 @@ class FedTuneProx(FedProx):
 
 def max_num_examples(settings: Settings) -> int | None:
     """strategy.max-num-examples, or the partition size of a dataset the server knows."""
-    from app.data import known_partition_size
+    from app.training.data import known_partition_size
 
     if settings.strategy.max_num_examples:
         return settings.strategy.max_num_examples
@@ -363,7 +363,7 @@ def prepare_run_dir(results_dir: str, run_id: int) -> Path:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = load_settings(dict(context.run_config))
-    if not shorten_pull_retry(http_grid):  # the grid's reply pulls: app/flwr_patches.py
+    if not shorten_pull_retry(http_grid):  # the grid's reply pulls: app/node/flwr_patches.py
         log.info("replies are pulled with flwr's own retry waits (the patch is for flwr %s)", PATCHED_VERSION)
     flat = settings.flat()
     run_dir = prepare_run_dir(settings.results.dir, context.run_id)

@@ -32,8 +32,8 @@ def build_random_llama(directory: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from app.model import LLAMA3_8B_SHAPE
-    from app.tiny import tiny_model_dir
+    from app.training.model import LLAMA3_8B_SHAPE
+    from app.training.tiny import tiny_model_dir
 
     if (directory / "config.json").exists():
         return
@@ -47,7 +47,7 @@ def build_random_llama(directory: Path) -> None:
     staging = directory.with_name(directory.name + ".tmp")
     model.save_pretrained(staging, max_shard_size="5GB")
     tokenizer.save_pretrained(staging)
-    from app.run_eval import RANDOM_WEIGHTS_MARKER
+    from app.evaluation.run_eval import RANDOM_WEIGHTS_MARKER
 
     (staging / RANDOM_WEIGHTS_MARKER).write_text("random seeded weights (benchmarks/bench_client_round.py)\n")  # reports say so
     del model
@@ -56,7 +56,7 @@ def build_random_llama(directory: Path) -> None:
 
 def write_long_flashcards(path: Path, rows: int = 800) -> None:
     """Flashcards whose prompt + response fill the whole 512-token window."""
-    from app.tiny import synthetic_flashcards
+    from app.training.tiny import synthetic_flashcards
 
     cards = synthetic_flashcards(rows)
     with open(path, "w") as handle:
@@ -71,7 +71,7 @@ def client_round(args) -> None:
     from flwr.app import ConfigRecord, Context, Message, RecordDict
 
     from app import client_app, comm
-    from app.checkpoint import load_adapter_tensors
+    from app.results.checkpoint import load_adapter_tensors
 
     run_config = json.loads(Path(args.run_config_file).read_text())
     adapter = load_adapter_tensors(Path(args.adapter))
@@ -111,8 +111,8 @@ def plain_loop_step(run_config: dict, steps: int = 4) -> float:
     import torch
 
     from app.config import load_settings
-    from app.data import build_examples, load_partition_rows, round_batches
-    from app.model import build_peft_model, load_tokenizer
+    from app.training.data import build_examples, load_partition_rows, round_batches
+    from app.training.model import build_peft_model, load_tokenizer
 
     settings = load_settings(run_config)
     model = build_peft_model(settings.model, seed=0)
@@ -155,10 +155,10 @@ def main() -> None:
     if args.client_round:
         return client_round(args)
 
-    from app.checkpoint import load_adapter_tensors, save_adapter
+    from app.results.checkpoint import load_adapter_tensors, save_adapter
     from app.config import load_settings
-    from app.trainer_service import SOCKET_ENV
-    from app.worker import RoundWorker
+    from app.training.trainer_service import SOCKET_ENV
+    from app.training.worker import RoundWorker
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def main() -> None:
 
     socket_path = work / "trainer" / "trainer.sock"
     server = subprocess.Popen(
-        [sys.executable, "-c", f"from pathlib import Path; from app.trainer_service import TrainerServer; TrainerServer(Path({str(socket_path)!r})).serve_forever()"],
+        [sys.executable, "-c", f"from pathlib import Path; from app.training.trainer_service import TrainerServer; TrainerServer(Path({str(socket_path)!r})).serve_forever()"],
         cwd=ROOT, env=env,
     )
     try:

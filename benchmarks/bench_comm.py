@@ -82,10 +82,10 @@ def transfer_bytes(fmt: str, shapes: dict) -> tuple[int, int]:
 def held_out_loss(settings, adapter) -> float:
     import torch
 
-    from app.data import build_examples, round_batches
-    from app.model import build_peft_model, load_adapter_state, load_tokenizer
-    from app.tiny import NUM_FLASHCARDS, synthetic_flashcards
-    from app.train import response_loss
+    from app.training.data import build_examples, round_batches
+    from app.training.model import build_peft_model, load_adapter_state, load_tokenizer
+    from app.training.tiny import NUM_FLASHCARDS, synthetic_flashcards
+    from app.training.train import response_loss
 
     tokenizer = load_tokenizer(settings.model.name)
     unseen = synthetic_flashcards(NUM_FLASHCARDS + HELD_OUT)[NUM_FLASHCARDS:]  # same generator, later rows
@@ -103,7 +103,7 @@ def federate(fmt: str, run_config: dict, worker) -> dict:
     from app import comm
     from app.config import load_settings
     from app.server_app import apply_mean_update, cosine_lr
-    from app.worker import NodeData, TrainRequest
+    from app.training.worker import NodeData, TrainRequest
 
     settings = load_settings(run_config)
     master = worker.initial_adapter(run_config)
@@ -138,7 +138,7 @@ def federate(fmt: str, run_config: dict, worker) -> dict:
 
 def cpu_federation() -> dict:
     from app.config import with_explicit_keys
-    from app.worker import RoundWorker
+    from app.training.worker import RoundWorker
 
     run_config = with_explicit_keys({"profile": "tiny", "num-server-rounds": ROUNDS, "dataset.num-partitions": NODES, **SEED_LRS})
     worker = RoundWorker()
@@ -168,7 +168,7 @@ def gpu_round(work: Path) -> dict:
     from app import comm
     from app.config import load_settings, with_explicit_keys
     from app.server_app import cosine_lr
-    from app.worker import NodeData, RoundWorker, TrainRequest
+    from app.training.worker import NodeData, RoundWorker, TrainRequest
 
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data = work / "llama3-8b-random", work / "flashcards-512.jsonl"

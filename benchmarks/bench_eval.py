@@ -79,7 +79,7 @@ def build_model(directory: Path, adapter_dir: Path, tokenizer, shape: str) -> No
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from app.model import LLAMA3_8B_SHAPE
+    from app.training.model import LLAMA3_8B_SHAPE
 
     if (directory / "config.json").exists() and (adapter_dir / "adapter_config.json").exists():
         return

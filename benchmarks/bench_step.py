@@ -1,7 +1,7 @@
 """Training-step benchmark: where a 16 x 512-token step of the seed recipe spends its time.
 
 Loads the random Llama-3-8B-shaped model once (4-bit, DoRA r=32 on q/v) and times
-`app.train.train_round` with gradient checkpointing on every layer, on every second layer,
+`app.training.train.train_round` with gradient checkpointing on every layer, on every second layer,
 and off, without autocast, and with the fused (Liger) kernels; then profiles the last. Needs the model directory made by bench_client_round.py.
 
     python benchmarks/bench_step.py --model /tmp/fedtune-bench/llama-3-8b-random --out results.json
@@ -33,9 +33,9 @@ def main() -> None:
     import torch
 
     from app.config import load_settings
-    from app.data import build_examples, load_partition_rows, round_batches
-    from app.model import apply_fused_kernels, build_peft_model, load_tokenizer
-    from app.train import train_round
+    from app.training.data import build_examples, load_partition_rows, round_batches
+    from app.training.model import apply_fused_kernels, build_peft_model, load_tokenizer
+    from app.training.train import train_round
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)

@@ -9,7 +9,7 @@ app.comm with each layout and the app's own exchange(); each ClientApp decodes a
 SuperNodes are flower-supernode without the launcher's wrapper (which adds a resident trainer
 and the bundle allowlist, whose ClientApp entry leaves out the SuperNode's imports: that saving
 is measured by import time, BENCHMARKS.md "Process start"). `--flwr-patches on` runs them and
-the echo ServerApp with app/flwr_patches.py's shorter waits, as on GPU hosts.
+the echo ServerApp with app/node/flwr_patches.py's shorter waits, as on GPU hosts.
 
 One federation serves all runs; runs alternate between layouts (A, B, A, B ...) so that a
 shared host's load falls on both. A round is timed by the ServerApp from encoding to the last
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from app.deploy import launcher  # noqa: E402
 from app.deploy.certs import ensure_certs  # noqa: E402
-from app.flwr_patches import GPU_POLL_SECONDS, POLL_ENV, supernode_command  # noqa: E402
+from app.node.flwr_patches import GPU_POLL_SECONDS, POLL_ENV, supernode_command  # noqa: E402
 
 ECHO_APP = REPO / "benchmarks" / "transport_app"
 # Flower 1.42's value of every setting the launcher changes: what `--flower-settings off` restores.
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="runs per layout, interleaved")
     parser.add_argument("--flower-settings", choices=("on", "off"), default="on", help="the launcher's FLOWER_SETTINGS, or Flower's defaults")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="an environment setting for every process")
-    parser.add_argument("--flwr-patches", choices=("on", "off"), default="off", help="app/flwr_patches.py's shorter waits (GPU hosts' default)")
+    parser.add_argument("--flwr-patches", choices=("on", "off"), default="off", help="app/node/flwr_patches.py's shorter waits (GPU hosts' default)")
     parser.add_argument("--idle-cpu", type=float, default=0, metavar="SECONDS", help="first measure the SuperLink's CPU while the nodes idle")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)

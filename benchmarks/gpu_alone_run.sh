@@ -5,7 +5,7 @@
 # evaluation (--eval-limit; NO_EVAL=1 skips it) and the report; nvidia-smi sampled every 250 ms beside it.
 set -uo pipefail
 WORK=${WORK:-/tmp/fedtune-bench} ROUNDS=${ROUNDS:-3} NODES=${NODES:-1} OUT=${OUT:-/tmp/out}
-EVAL_DATA=$(python3 -c "from app.tiny import tiny_eval_dir; print(tiny_eval_dir())")
+EVAL_DATA=$(python3 -c "from app.training.tiny import tiny_eval_dir; print(tiny_eval_dir())")
 nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 250 > "$OUT/nvidia-smi.csv" &
 SMI=$!
 python3 -m app.cli local up --supernodes "$NODES" --gpus 0 --rounds "$ROUNDS" --data "$WORK/flashcards-512.jsonl" \

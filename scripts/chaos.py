@@ -60,8 +60,8 @@ def check_checkpoints(run: Path) -> list[str]:
     import torch
     from peft import PeftModel
 
-    from app.checkpoint import load_adapter_tensors
-    from app.model import load_base_model
+    from app.results.checkpoint import load_adapter_tensors
+    from app.training.model import load_base_model
 
     loaded = []
     for path in sorted(run.glob("peft_*"), key=lambda p: int(p.name.split("_")[1])):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from app.data import (
+from app.training.data import (
     ALPACA_HEADER,
     IGNORE_INDEX,
     DataError,
@@ -14,7 +14,7 @@ from app.data import (
     round_batches,
     tokenize_example,
 )
-from app.model import load_tokenizer
+from app.training.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_bad_rows_are_counted_or_named(tmp_path):
 
 def test_node_config_must_agree_with_the_run():
     from app.config import load_settings
-    from app.worker import NodeData
+    from app.training.worker import NodeData
 
     settings = load_settings({"profile": "tiny", "dataset.num-partitions": 20})
     assert NodeData.from_node_config({"partition-id": 3, "num-partitions": 20}, settings) == NodeData(3, 20)

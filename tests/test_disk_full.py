@@ -9,7 +9,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from app.checkpoint import load_adapter_tensors, save_adapter
+from app.results.checkpoint import load_adapter_tensors, save_adapter
 from app.config import load_settings
 
 

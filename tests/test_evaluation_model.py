@@ -34,7 +34,7 @@ def scripted_model_dir(directory: Path, answer: str) -> Path:
     """
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from app.tiny import tiny_model_dir
+    from app.training.tiny import tiny_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir())
     model = LlamaForCausalLM.from_pretrained(tiny_model_dir())
@@ -169,7 +169,7 @@ def test_dora_adapter_fast_equals_exact_through_the_cli(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
-    from app.tiny import tiny_model_dir
+    from app.training.tiny import tiny_model_dir
 
     torch.manual_seed(0)
     model = get_peft_model(LlamaForCausalLM.from_pretrained(tiny_model_dir()),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 
-from app.checkpoint import load_adapter_tensors
+from app.results.checkpoint import load_adapter_tensors
 from waiting import wait_until
 
 NODES, ROUNDS, TIMEOUT = 3, 4, 90  # a first round on a busy 2-core host can take a minute
@@ -36,7 +36,7 @@ def _rounds(run: Path) -> list[dict]:
 
 
 def test_killed_supernode_and_trainer(tmp_path):
-    # The SuperNodes run patched as on GPU hosts (app/flwr_patches.py): they too must survive these faults.
+    # The SuperNodes run patched as on GPU hosts (app/node/flwr_patches.py): they too must survive these faults.
     env = dict(os.environ, PYTHONUNBUFFERED="1", FEDTUNE_SUPERNODE_POLL_SECONDS="0.5")
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "local", "up", "--profile", "tiny", "--supernodes", str(NODES), "--rounds", str(ROUNDS),
@@ -54,13 +54,13 @@ def test_killed_supernode_and_trainer(tmp_path):
         wait_until(lambda: len(_rounds(run)) >= 1, 300, "round 1")
         clientapp = wait_until(lambda: [p for p in _node_processes(tmp_path, 1) if "flwr-clientapp" in " ".join(p.cmdline())], 120, "round 2 on node 1")
         assert clientapp
-        assert any("app.flwr_patches" in p.cmdline() for p in _node_processes(tmp_path, 1)), "the SuperNode is not the patched one"
+        assert any("app.node.flwr_patches" in p.cmdline() for p in _node_processes(tmp_path, 1)), "the SuperNode is not the patched one"
         for p in _node_processes(tmp_path, 1):
             p.send_signal(signal.SIGKILL)
 
         # Between rounds 2 and 3: kill SuperNode 2's resident trainer only.
         wait_until(lambda: len(_rounds(run)) >= 2, TIMEOUT + 120, "round 2")
-        [trainer] = [p for p in _node_processes(tmp_path, 2) if "app.trainer_service" in p.cmdline() and "serve" in p.cmdline()]
+        [trainer] = [p for p in _node_processes(tmp_path, 2) if "app.training.trainer_service" in p.cmdline() and "serve" in p.cmdline()]
         trainer.kill()
 
         # Round 3: kill the SuperLink while node 0 trains; it restarts on its state database.

@@ -1,4 +1,4 @@
-"""The runtime patches of flwr 1.42.0 (app/flwr_patches.py): what they change, and that they refuse any other flwr."""
+"""The runtime patches of flwr 1.42.0 (app/node/flwr_patches.py): what they change, and that they refuse any other flwr."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from processes import Processes
 from waiting import wait_until
 
-from app import flwr_patches
-from app.flwr_patches import POLL_ENV, PatchRefused
+from app.node import flwr_patches
+from app.node.flwr_patches import POLL_ENV, PatchRefused
 
 
 def test_poll_setting_is_checked_and_names_itself():
@@ -27,7 +27,7 @@ def test_poll_setting_is_checked_and_names_itself():
 
 def test_the_supernode_command_is_flowers_own_unless_the_poll_is_set():
     assert flwr_patches.supernode_command({}) == ["flower-supernode"]
-    assert flwr_patches.supernode_command({POLL_ENV: "0.5"}) == [sys.executable, "-m", "app.flwr_patches"]
+    assert flwr_patches.supernode_command({POLL_ENV: "0.5"}) == [sys.executable, "-m", "app.node.flwr_patches"]
 
 
 def test_any_other_flwr_is_refused(monkeypatch):
@@ -64,7 +64,7 @@ def test_a_changed_supernode_source_is_refused(monkeypatch):
 def _clientapp_imports(installed: str) -> dict:
     code = (
         "import json, sys\n"
-        "from app import flwr_patches\n"
+        "from app.node import flwr_patches\n"
         f"flwr_patches.installed_flwr = lambda: {installed!r}\n"
         "entry = flwr_patches.import_clientapp_command()\n"
         "print(json.dumps({'entry': entry.__module__ + '.' + entry.__name__,"

@@ -6,7 +6,7 @@ import sys
 import time
 import types
 
-from app.gpu_monitor import GpuMonitor
+from app.training.gpu_monitor import GpuMonitor
 
 
 def test_without_nvml_it_reports_no_gpu_and_no_metrics(monkeypatch):
@@ -74,7 +74,7 @@ def test_a_gpu_outside_the_visible_set_is_not_sampled(monkeypatch):
 def test_a_round_reports_its_training_window_and_gpu_use_when_there_is_a_gpu(monkeypatch):
     import torch
 
-    from app.worker import NodeData, RoundWorker, TrainRequest
+    from app.training.worker import NodeData, RoundWorker, TrainRequest
 
     run_config = {"profile": "tiny", "dataset.num-partitions": 20}
     worker = RoundWorker()

@@ -7,7 +7,7 @@ import pytest
 
 from app.deploy import gpu_plan, launcher
 from app.config import load_settings
-from app.model import LLAMA3_8B_SHAPE
+from app.training.model import LLAMA3_8B_SHAPE
 
 GIB = 2**30
 

@@ -15,7 +15,7 @@ import torch
 
 from app import comm
 from app.config import load_settings
-from app.model import adapter_shapes, load_base_model
+from app.training.model import adapter_shapes, load_base_model
 
 NODES, ROUNDS = 20, 2
 
@@ -137,7 +137,7 @@ def test_ctrl_c_stops_everything(tmp_path):
 
 
 def _tiny_llama_config() -> dict:
-    from app.tiny import tiny_model_dir
+    from app.training.tiny import tiny_model_dir
 
     config = json.loads((tiny_model_dir() / "config.json").read_text())
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from app.deploy import launcher
-from app.report import append_jsonl, read_jsonl
+from app.results.metrics import append_jsonl, read_jsonl
 from waiting import wait_until
 
 
@@ -151,7 +151,7 @@ def _running(results: Path, *launches: tuple[subprocess.Popen, Path]) -> None:
         for proc, log in launches:
             assert proc.poll() is None, log.read_text()
         commands = _federation_processes(results).values()
-        trainers = [c for c in commands if "app.trainer_service" in c]
+        trainers = [c for c in commands if "app.training.trainer_service" in c]
         supernodes = [c for c in commands if c[1:2] and c[1].endswith("/flower-supernode")]
         submitted = all("submitted" in log.read_text() for _, log in launches)
         return submitted and len(trainers) == len(supernodes) == NODES * len(launches)

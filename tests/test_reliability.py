@@ -20,9 +20,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import app.client_app as client_app
 from app import comm, server_app
-from app.checkpoint import RUN_STATE, CheckpointError, load_adapter_tensors
+from app.results.checkpoint import RUN_STATE, CheckpointError, load_adapter_tensors
 from app.server_app import TooFewReplies, sample_nodes
-from app.worker import RoundWorker
+from app.training.worker import RoundWorker
 
 SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of errors the SuperLink makes up
 

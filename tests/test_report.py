@@ -9,7 +9,7 @@ import pytest
 from report_fixture import ACCURACIES, DELIVERY, NODE_CLOCK_OFFSETS, UPLOAD, make_run
 
 from app.cli import main
-from app.run_report import clock_offsets, gpu_by_site, load_run, render_html, render_markdown, results_table, round_timeline
+from app.results.report import clock_offsets, gpu_by_site, load_run, render_html, render_markdown, results_table, round_timeline
 
 
 def test_table_has_this_run_next_to_the_seed_and_the_leaderboard(tmp_path):

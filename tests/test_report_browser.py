@@ -11,7 +11,7 @@ import pytest
 from headless_browser import chromium_path, load_page
 from report_fixture import make_run
 
-from app.run_report import write_report
+from app.results.report import write_report
 
 ARTIFACTS = Path(os.environ.get("FEDTUNE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 

@@ -11,9 +11,9 @@ import numpy as np
 import psutil
 import pytest
 
-import app.trainer_service as trainer_service
-from app.trainer_service import SOCKET_ENV, TrainerServer, TrainerUnavailable, call_trainer, run_supernode
-from app.worker import NodeData, RoundWorker, TrainRequest
+import app.training.trainer_service as trainer_service
+from app.training.trainer_service import SOCKET_ENV, TrainerServer, TrainerUnavailable, call_trainer, run_supernode
+from app.training.worker import NodeData, RoundWorker, TrainRequest
 
 RUN_CONFIG = {"profile": "tiny", "dataset.num-partitions": 20}
 
@@ -86,7 +86,7 @@ def _trainers(parent: psutil.Process) -> list[psutil.Process]:
     found = []
     for proc in parent.children(recursive=True):
         try:
-            if proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline()[-3:-1] == ["app.trainer_service", "serve"]:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.cmdline()[-3:-1] == ["app.training.trainer_service", "serve"]:
                 found.append(proc)
         except psutil.Error:
             continue
@@ -381,7 +381,7 @@ def test_trainer_exits_promptly_on_sigterm_even_mid_round(tmp_path):
     import signal as signal_module
 
     path = tmp_path / "t.sock"
-    trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", str(path)])
+    trainer = subprocess.Popen([sys.executable, "-m", "app.training.trainer_service", "serve", str(path)])
     try:
         _wait_for(path.exists, 60)
         long_round = dict(_train_header(1), run_config=dict(RUN_CONFIG, **{"train.training-arguments.max-steps": 100000}))

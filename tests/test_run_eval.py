@@ -11,7 +11,7 @@ import pytest
 
 from app.evaluation import benchmarks
 from app.evaluation.benchmarks import BENCHMARKS, load_questions
-from app.run_eval import RunEvalError, eval_commands, final_adapter, merge_summaries, spread
+from app.evaluation.run_eval import RunEvalError, eval_commands, final_adapter, merge_summaries, spread
 
 FIXTURES = Path(__file__).parent / "fixtures" / "eval"
 
@@ -98,7 +98,7 @@ def test_export_writes_the_hub_rows_in_their_source_schema(tmp_path, monkeypatch
 
 
 def test_a_local_model_marked_random_is_reported_as_such(tmp_path):
-    from app.run_eval import RANDOM_WEIGHTS_MARKER, has_random_weights
+    from app.evaluation.run_eval import RANDOM_WEIGHTS_MARKER, has_random_weights
 
     assert has_random_weights("tiny") and not has_random_weights(str(tmp_path))
     (tmp_path / RANDOM_WEIGHTS_MARKER).write_text("")

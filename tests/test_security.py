@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from processes import Processes
 
-from app.checkpoint import save_adapter
+from app.results.checkpoint import save_adapter
 from app.config import load_settings
-from app.report import plot_run, write_json_atomic
+from app.results.metrics import plot_run, write_json_atomic
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
@@ -40,8 +40,8 @@ def test_run_config_cannot_point_a_node_outside_its_read_dirs(tmp_path, monkeypa
     """The submitter's run config names dataset.path / a local model.name; the node reads them
     only inside its cache and the site's FEDTUNE_NODE_READ_DIRS (symlinks resolved), refuses
     anything else before loading, and the refusal does not reveal the site's directories."""
-    from app.read_policy import ReadRefused, check_run_reads
-    from app.worker import RoundWorker
+    from app.node.read_policy import ReadRefused, check_run_reads
+    from app.training.worker import RoundWorker
 
     site = tmp_path / "site-data"
     site.mkdir()
@@ -127,7 +127,7 @@ def test_supernode_refuses_a_bundle_its_site_did_not_approve(tmp_path):
     from flwr.cli.build import build_fab_from_disk
 
     from app.deploy.launcher import flower_env, free_port, write_cli_config
-    from app.fab_allowlist import fab_sha256
+    from app.node.fab_allowlist import fab_sha256
 
     app_dir = tmp_path / "intruder"
     app_dir.mkdir()

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from app import checkpoint, comm
+from app import comm
+from app.results import checkpoint
 from app.config import load_settings
-from app.model import LLAMA3_8B_SHAPE, adapter_shapes, adapter_state, build_peft_model, load_base_model
-from app.report import MIB
+from app.training.model import LLAMA3_8B_SHAPE, adapter_shapes, adapter_state, build_peft_model, load_base_model
+from app.results.metrics import MIB
 from app.server_app import apply_mean_update
 
 
@@ -86,7 +87,7 @@ WRITER = """
 import itertools, sys
 from pathlib import Path
 import numpy as np
-from app.checkpoint import save_adapter
+from app.results.checkpoint import save_adapter
 from app.config import load_settings
 model = load_settings({"profile": "tiny"}).model
 for version in itertools.count():

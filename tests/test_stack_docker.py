@@ -233,7 +233,7 @@ def test_smoke_stack_runs_two_rounds_with_twenty_supernodes(images, tmp_path):
 
     from peft import PeftModel
 
-    from app.model import load_base_model
+    from app.training.model import load_base_model
 
     model = PeftModel.from_pretrained(load_base_model("tiny", quantization=0), str(adapter))
     assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from app.config import load_settings
-from app.model import build_peft_model, load_tokenizer
+from app.training.model import build_peft_model, load_tokenizer
 from app.server_app import cosine_lr
-from app.train import proximal_term, response_loss, train_round
-from app.data import build_examples, load_partition_rows, round_batches
+from app.training.train import proximal_term, response_loss, train_round
+from app.training.data import build_examples, load_partition_rows, round_batches
 
 
 def test_cosine_lr_matches_flowertune():
@@ -91,7 +91,7 @@ def test_warmup_then_constant_lr(tiny, monkeypatch):
 
 
 def test_fused_proximal_gradient_equals_autograd():
-    from app.train import add_proximal_gradient
+    from app.training.train import add_proximal_gradient
 
     torch.manual_seed(1)
     params = [torch.randn(4, 3, requires_grad=True), torch.randn(6, requires_grad=True)]
@@ -112,7 +112,7 @@ def test_fused_proximal_gradient_equals_autograd():
 
 def test_a_node_given_a_gpu_it_cannot_see_refuses_to_load(monkeypatch):
     """No quiet fallback to an 8B model on the CPU: the reason names the variable and what to check."""
-    from app.model import ModelLoadError, load_base_model
+    from app.training.model import ModelLoadError, load_base_model
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("FEDTUNE_GPU", "3")
@@ -125,8 +125,8 @@ def test_a_node_given_a_gpu_it_cannot_see_refuses_to_load(monkeypatch):
 def test_a_corrupt_model_cache_is_named_with_its_fix(tmp_path):
     import shutil
 
-    from app.model import ModelLoadError, load_base_model
-    from app.tiny import tiny_model_dir
+    from app.training.model import ModelLoadError, load_base_model
+    from app.training.tiny import tiny_model_dir
 
     broken = tmp_path / "model"
     shutil.copytree(tiny_model_dir(), broken)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from app.config import ASSIGNED_GPU_ENV
-from app.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
+from app.node.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 CERTS = "/certs"  # paths inside the containers
@@ -319,8 +319,8 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
     }
     if gpu is not None:
         node["deploy"] = _gpu_devices([gpu])
-        node["environment"][ASSIGNED_GPU_ENV] = gpu  # a node that finds no GPU then says so (app.model)
-        # A shorter idle poll (app/flwr_patches.py); set empty in .env for Flower's own 3 s.
+        node["environment"][ASSIGNED_GPU_ENV] = gpu  # a node that finds no GPU then says so (app.training.model)
+        # A shorter idle poll (app/node/flwr_patches.py); set empty in .env for Flower's own 3 s.
         node["environment"][POLL_ENV] = f"${{{POLL_ENV}-{GPU_POLL_SECONDS}}}"
     return node
 

@@ -33,7 +33,7 @@ from typing import Any
 
 GIB = 2**30
 
-# Llama-3-8B's shape (equal to app.model.LLAMA3_8B_SHAPE; tested), used when the seed model's
+# Llama-3-8B's shape (equal to app.training.model.LLAMA3_8B_SHAPE; tested), used when the seed model's
 # config is not on this host (the launcher needs no hub access to plan).
 LLAMA3_8B_CONFIG = dict(
     hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -105,7 +105,7 @@ class Plan:
 def model_config(name_or_path: str) -> dict[str, Any] | None:
     """The model's config.json: a local directory, the local HF cache, or the seed's known shape."""
     if name_or_path == "tiny":
-        from app.tiny import tiny_model_dir
+        from app.training.tiny import tiny_model_dir
 
         name_or_path = str(tiny_model_dir())
     path = Path(name_or_path) / "config.json"

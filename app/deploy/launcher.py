@@ -26,11 +26,11 @@ from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
 from app.config import ASSIGNED_GPU_ENV, ConfigError, load_settings, parse_overrides, with_explicit_keys
-from app.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
-from app.lifeline import die_with_parent
-from app.report import read_jsonl_from
-from app.run_eval import add_eval_options
-from app.read_policy import READ_DIRS_ENV, run_reads
+from app.node.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
+from app.node.lifeline import die_with_parent
+from app.results.metrics import read_jsonl_from
+from app.evaluation.run_eval import add_eval_options
+from app.node.read_policy import READ_DIRS_ENV, run_reads
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
 FEDERATION = "fedtune"
@@ -334,7 +334,7 @@ def check_resume(run_config: dict[str, Any], results: Path) -> str | None:
     """Resolve `resume-from` (`latest`: the checkpoint saved last under `results`) to an absolute
     path, since the ServerApp runs elsewhere; a checkpoint that cannot continue this run is
     refused (the reason returned) before anything starts."""
-    from app.checkpoint import CheckpointError, latest_checkpoint, load_resume_point
+    from app.results.checkpoint import CheckpointError, latest_checkpoint, load_resume_point
 
     if not (wanted := run_config.get("resume-from")):
         return None
@@ -407,7 +407,7 @@ def local_up(args) -> int:
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
                 node_env["CUDA_VISIBLE_DEVICES"] = node_env[ASSIGNED_GPU_ENV] = gpus[i % len(gpus)]
-                node_env.setdefault(POLL_ENV, GPU_POLL_SECONDS)  # set empty: Flower's own 3 s (app/flwr_patches.py)
+                node_env.setdefault(POLL_ENV, GPU_POLL_SECONDS)  # set empty: Flower's own 3 s (app/node/flwr_patches.py)
             if paths is not None:  # only registered keys may join: register before the node starts
                 register_node(paths, i, env, federation, essential)
             federation.start(
@@ -441,7 +441,7 @@ def local_up(args) -> int:
         elif keys is not None:
             shutil.rmtree(keys, ignore_errors=True)
     if status == "finished:completed":  # the federation is down: its GPUs are free for the evaluation
-        from app.run_eval import finish_run
+        from app.evaluation.run_eval import finish_run
 
         return finish_run(run_dir, args, gpus)
     return 1

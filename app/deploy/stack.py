@@ -157,7 +157,7 @@ def cmd_cache(args) -> int:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
     if settings.model.name == "tiny" or settings.dataset.name == "tiny":
-        from app.tiny import tiny_dataset_path, tiny_eval_dir, tiny_model_dir
+        from app.training.tiny import tiny_dataset_path, tiny_eval_dir, tiny_model_dir
 
         print(f"tiny model: {tiny_model_dir()}\ntiny data: {tiny_dataset_path()}\ntiny benchmarks: {tiny_eval_dir()}", flush=True)
     if settings.model.name != "tiny" and not Path(settings.model.name).exists():

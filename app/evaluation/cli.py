@@ -93,7 +93,7 @@ def load_model(base_model: str, peft_path: str | None, quantization: int):
     """The model as the reference loads it: 4-bit with float32 compute, or 8-bit with float16."""
     import torch
 
-    from app.model import load_base_model, load_tokenizer
+    from app.training.model import load_base_model, load_tokenizer
 
     dtype = torch.float16 if quantization == 8 else torch.float32
     model = load_base_model(base_model, quantization, compute_dtype=dtype)

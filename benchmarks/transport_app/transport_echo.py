@@ -54,7 +54,7 @@ def echo(msg: Message, context: Context) -> Message:
 def main(grid: Grid, context: Context) -> None:
     from flwr.superlink.grid import http_grid
 
-    from app.flwr_patches import shorten_pull_retry
+    from app.node.flwr_patches import shorten_pull_retry
     from app.server_app import exchange, wait_for_nodes  # the app's own push/poll loop
 
     cfg = context.run_config

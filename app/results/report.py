@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.report import read_jsonl
+from app.results.metrics import read_jsonl
 
 BENCHMARKS = ("pubmedqa", "medmcqa", "medqa", "careqa")
 MB = 1024**2  # FlowerTune's "MB": array payload bytes / 2**20

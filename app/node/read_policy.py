@@ -26,7 +26,7 @@ class ReadRefused(ValueError):
 
 
 def read_dirs() -> list[Path]:
-    from app.tiny import cache_root
+    from app.training.tiny import cache_root
 
     listed = [Path(p) for p in os.environ.get(READ_DIRS_ENV, "").split(os.pathsep) if p.strip()]
     return [d.expanduser().resolve() for d in (cache_root(), *listed)]

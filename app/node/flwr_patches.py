@@ -7,7 +7,7 @@ any other flwr the poll setting is refused with an error and the other two are l
      1.5 s on average before the node sees it;
    - while its ClientApp runs it looks for the reply every 0.5 s, and for each object of the
      reply every 0.5 s: 0.25 s or more on average before the reply leaves.
-   `python -m app.flwr_patches` runs the stock `flower-supernode` with the idle sleep set to
+   `python -m app.node.flwr_patches` runs the stock `flower-supernode` with the idle sleep set to
    FEDTUNE_SUPERNODE_POLL_SECONDS and the reply waits to REPLY_WAIT_SECONDS; nothing else changes.
    The idle poll is a request to the SuperLink per node and period (20 nodes at 0.5 s: 40 a
    second), so the launcher and the compose files set it for GPU deployments only.
@@ -130,7 +130,7 @@ def supernode_command(environ: dict[str, str]) -> list[str]:
 
 
 def main() -> int:
-    """`python -m app.flwr_patches <flower-supernode arguments>`, FEDTUNE_SUPERNODE_POLL_SECONDS set."""
+    """`python -m app.node.flwr_patches <flower-supernode arguments>`, FEDTUNE_SUPERNODE_POLL_SECONDS set."""
     try:
         idle = poll_seconds(os.environ)
         if idle is None:

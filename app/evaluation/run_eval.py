@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from app.evaluation.cli import DEFAULT_DATASETS
-from app.report import write_json_atomic
+from app.results.metrics import write_json_atomic
 
 EVAL_DIR = "eval"
 
@@ -61,7 +61,7 @@ def eval_commands(run_dir: Path, *, exact: bool, limit: int | None, data_dir: Pa
     config = json.loads(config_path.read_text())
     base_model = config["model.name"]
     if data_dir is None and base_model == "tiny":
-        from app.tiny import tiny_eval_dir
+        from app.training.tiny import tiny_eval_dir
 
         data_dir = tiny_eval_dir()  # the tiny profile's own small benchmark files
     adapter = final_adapter(run_dir)
@@ -131,7 +131,7 @@ def evaluate_run(run_dir: Path, *, exact: bool = False, limit: int | None = None
 def evaluate_and_report(run_dir: Path, *, exact: bool, limit: int | None, data_dir: Path | None,
                         gpus: list[str], out=None) -> int:
     """What a run ends with: the evaluation, then report.html and report.md. 0 when both exist."""
-    from app.run_report import write_report
+    from app.results.report import write_report
 
     out = out or sys.stdout
     try:
@@ -150,7 +150,7 @@ def evaluate_and_report(run_dir: Path, *, exact: bool, limit: int | None, data_d
 def finish_run(run_dir: Path, args, gpus: list[str]) -> int:
     """`fedtune local up` after its last round: evaluate and report, or (--no-eval) report only."""
     if args.no_eval:
-        from app.run_report import write_report
+        from app.results.report import write_report
 
         for path in write_report(run_dir):
             print(f"report: {path}", flush=True)
@@ -159,7 +159,7 @@ def finish_run(run_dir: Path, args, gpus: list[str]) -> int:
 
 
 def cmd_eval_run(args) -> int:
-    from app.run_report import latest_run
+    from app.results.report import latest_run
 
     try:
         run_dir = latest_run(Path(args.path)) if args.latest else Path(args.path)

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == "tiny":
-        from app.tiny import tiny_model_dir
+        from app.training.tiny import tiny_model_dir
 
         return str(tiny_model_dir())
     return name_or_path

@@ -123,7 +123,7 @@ def load_partition(
         source = f"dataset file {node_data_path}"
         dataset = _read_file(Path(node_data_path))
     elif path or name == "tiny":
-        from app.tiny import tiny_dataset_path
+        from app.training.tiny import tiny_dataset_path
 
         file = Path(path) if path else tiny_dataset_path()
         source = f"dataset file {file}, partition {partition_id} of {num_partitions}"
@@ -174,7 +174,7 @@ KNOWN_DATASET_ROWS = {"medalpaca/medical_meadow_medical_flashcards": 33_955}
 def known_partition_size(name: str, path: str, num_partitions: int) -> int | None:
     """The largest IID partition of a dataset the server knows, or None. `path` may be the
     stack's own export of the hub dataset (same rows), recognised by its file name."""
-    from app.tiny import NUM_FLASHCARDS
+    from app.training.tiny import NUM_FLASHCARDS
 
     rows = {**KNOWN_DATASET_ROWS, "tiny": NUM_FLASHCARDS}.get(name)
     if rows is None or (path and Path(path).name != name.replace("/", "__") + ".jsonl"):

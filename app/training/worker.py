@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from app.config import Settings, load_settings
-from app.gpu_monitor import GpuMonitor
-from app.read_policy import check_run_reads
+from app.training.gpu_monitor import GpuMonitor
+from app.node.read_policy import check_run_reads
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class RoundWorker:
         self.model_load_seconds = 0.0
 
     def _ensure_model(self, settings: Settings):
-        from app.model import build_peft_model, load_tokenizer
+        from app.training.model import build_peft_model, load_tokenizer
 
         key = (settings.model.model_dump_json(), settings.seed, settings.train.training_arguments.use_liger_kernel)
         if key != self._model_key:
@@ -79,7 +79,7 @@ class RoundWorker:
         return self._model
 
     def _ensure_examples(self, settings: Settings, node: NodeData):
-        from app.data import build_examples, load_partition
+        from app.training.data import build_examples, load_partition
 
         key = (settings.dataset.model_dump_json(), settings.model.name, settings.train.seq_length, node)
         if key != self._examples_key:
@@ -93,7 +93,7 @@ class RoundWorker:
 
     def initial_adapter(self, run_config: dict[str, Any]) -> dict[str, np.ndarray]:
         """The adapter right after its seeded initialisation (DoRA's magnitude needs the base weights)."""
-        from app.model import adapter_state
+        from app.training.model import adapter_state
 
         settings = load_settings(run_config)
         check_run_reads(settings)
@@ -104,9 +104,9 @@ class RoundWorker:
     def train(self, request: TrainRequest, global_adapter: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         import torch
 
-        from app.data import round_batches
-        from app.model import adapter_state, load_adapter_state
-        from app.train import train_round
+        from app.training.data import round_batches
+        from app.training.model import adapter_state, load_adapter_state
+        from app.training.train import train_round
 
         started = time.perf_counter()
         settings = load_settings(request.run_config)

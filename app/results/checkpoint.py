@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from app.config import ModelSettings
-from app.report import share_like_new_files
+from app.results.metrics import share_like_new_files
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,7 +65,7 @@ def save_adapter(
     from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    from app.model import lora_config
+    from app.training.model import lora_config
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from app.config import TrainingArguments
-from app.data import IGNORE_INDEX
+from app.training.data import IGNORE_INDEX
 
 
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ALLOWED_FABS_ENV = "FEDTUNE_ALLOWED_FABS"  # the site's extra approved bundles: sha256 hex, space/comma-separated
-APP_ROOT = Path(__file__).resolve().parents[1]  # pyproject.toml and app/: what `flwr run` bundles
+APP_ROOT = Path(__file__).resolve().parents[2]  # pyproject.toml and app/: what `flwr run` bundles
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -71,7 +71,7 @@ def _own_fab_sha256_cached(cache: Path) -> str:
 def gated_clientapp(site_listed: set[str], own_hash_cache: Path) -> None:
     """flwr's `flwr-clientapp`, with the bundle checked before it is installed: its SHA-256 must
     be this installation's own app or one the site listed."""
-    from app.flwr_patches import import_clientapp_command
+    from app.node.flwr_patches import import_clientapp_command
 
     flwr_clientapp = import_clientapp_command()  # without the SuperNode's own imports (issue 16)
     from flwr.supernode.runtime import run_clientapp
@@ -110,11 +110,11 @@ class ClientAppGate:
         shim = directory / "flwr-clientapp"
         shim.write_text(
             f"#!{sys.executable}\n"
-            "# written by `fedtune supernode` (app/fab_allowlist.py): flwr-clientapp with the site's bundle allowlist\n"
+            "# written by `fedtune supernode` (app/node/fab_allowlist.py): flwr-clientapp with the site's bundle allowlist\n"
             "import sys\n"
             "from pathlib import Path\n"
             f"sys.path.insert(0, {str(APP_ROOT)!r})\n"
-            "from app.fab_allowlist import gated_clientapp\n"
+            "from app.node.fab_allowlist import gated_clientapp\n"
             f"gated_clientapp(set({listed!r}), Path({str(directory / 'own-app.sha256')!r}))\n"
         )
         shim.chmod(0o700)

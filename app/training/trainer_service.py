@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.lifeline import die_with_parent
+from app.node.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class TrainerServer:
         print(DEVICE_LOG_PREFIX + json.dumps(describe_cuda_device()), file=sys.stderr, flush=True)
 
     def _dispatch(self, header: dict[str, Any], tensors: dict):
-        from app.worker import NodeData, RoundWorker, TrainRequest
+        from app.training.worker import NodeData, RoundWorker, TrainRequest
 
         if self._worker is None:
             self._worker = RoundWorker()
@@ -265,7 +265,7 @@ def _start_trainer(socket_path: str) -> subprocess.Popen:
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a dead predecessor's: wait for the new one's
     # SIGKILL when the wrapper dies, even by SIGKILL: an orphaned trainer holds its GPU memory.
-    trainer = subprocess.Popen([sys.executable, "-m", "app.trainer_service", "serve", socket_path], preexec_fn=die_with_parent(signal.SIGKILL))
+    trainer = subprocess.Popen([sys.executable, "-m", "app.training.trainer_service", "serve", socket_path], preexec_fn=die_with_parent(signal.SIGKILL))
     deadline = time.monotonic() + TRAINER_START_SECONDS
     while not _answers(socket_path):
         if (code := trainer.poll()) is not None or time.monotonic() > deadline:
@@ -351,10 +351,10 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
     # `--gpus` ids are nvidia-smi's indices (what the launcher's memory plan reads): make CUDA
     # number the GPUs the same way rather than fastest-first.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    from app.flwr_patches import PatchRefused, supernode_command
+    from app.node.flwr_patches import PatchRefused, supernode_command
 
     try:
-        command = supernode_command(os.environ)  # Flower's own, or with shorter waits (app/flwr_patches.py)
+        command = supernode_command(os.environ)  # Flower's own, or with shorter waits (app/node/flwr_patches.py)
     except PatchRefused as exc:
         _say(str(exc))
         return 2
@@ -363,9 +363,9 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    from app.fab_allowlist import ClientAppGate
+    from app.node.fab_allowlist import ClientAppGate
 
-    gate = ClientAppGate.install()  # only bundles the site approved get installed (app/fab_allowlist.py)
+    gate = ClientAppGate.install()  # only bundles the site approved get installed (app/node/fab_allowlist.py)
     watchdog = _Watchdog(socket_path)
     child = None
     try:
