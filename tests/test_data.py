@@ -3,18 +3,17 @@ import json
 import pytest
 
 from app.training.data import (
-    ALPACA_HEADER,
     IGNORE_INDEX,
     DataError,
     build_examples,
     collate,
-    format_prompt,
     load_partition,
     load_partition_rows,
     round_batches,
     tokenize_example,
 )
 from app.training.model import load_tokenizer
+from app.training.prompt import ALPACA_HEADER, format_prompt
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Data: the flashcard partitions, FlowerTune's Alpaca prompt, and response-only labels."""
+"""Data: the flashcard partitions (FlowerTune's Alpaca prompt, app/training/prompt.py) and response-only labels."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.training.prompt import format_prompt
+
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# FlowerTune's prompt (trl formatting function of the FlowerTune LLM template).
-ALPACA_HEADER = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request."
-)
-PROMPT_TEMPLATE = ALPACA_HEADER + "\n### Instruction:\n{instruction}\n### Response:"
-ALPACA_TEMPLATE = PROMPT_TEMPLATE + " {response}"
 REQUIRED_COLUMNS = ("input", "output")  # medalpaca's schema: input -> instruction, output -> response
 
 
@@ -30,10 +25,6 @@ class DataError(ValueError):
 class Example:
     input_ids: list[int]
     labels: list[int]
-
-
-def format_prompt(instruction: str) -> str:
-    return PROMPT_TEMPLATE.format(instruction=instruction)
 
 
 def tokenize_example(tokenizer: Any, instruction: str, response: str, seq_length: int) -> Example | None:

@@ -102,7 +102,7 @@ def _build_tiny_model(directory: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from app.training.data import ALPACA_TEMPLATE
+    from app.training.prompt import ALPACA_TEMPLATE
 
     specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"]
     tokenizer = Tokenizer(models.BPE())
