@@ -13,10 +13,20 @@ one step added: before the bundle is installed, the SHA-256 of its bytes must be
 bundle built from this installation's own app (the image's) or one the site lists in
 FEDTUNE_ALLOWED_FABS. Anything else is refused with an error reply to the server,
 before a single file of it is unpacked, let alone imported.
+
+A ClientApp is not the only thing a SuperNode's SuperExec starts: it starts one command per task
+type (`flwr.supercore.constant.TASK_TYPE_TO_COMMAND`), and flwr 1.42's SuperNode turns every
+message of an *agent* run into an AGENT_APP task, started as `flwr-agentapp`, which installs and
+imports the bundle unchecked. A fedtune node runs ClientApps only, so every other task command
+is shadowed on the same PATH by one that refuses the task, in the node's log, without importing
+flwr or touching the bundle (tests/test_node_guards.py checks that every task type of the
+installed flwr has a command here). A SuperExec the node does not start itself (`--isolation
+process`) would start commands from its own PATH: `fedtune supernode` refuses that mode.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import re
@@ -28,6 +38,15 @@ from pathlib import Path
 
 ALLOWED_FABS_ENV = "FEDTUNE_ALLOWED_FABS"  # the site's extra approved bundles: sha256 hex, space/comma-separated
 APP_ROOT = Path(__file__).resolve().parents[2]  # pyproject.toml and app/: what `flwr run` bundles
+CLIENTAPP_COMMAND = "flwr-clientapp"
+# Every other command flwr 1.42's SuperExec starts for a task (TaskType's values): each refused.
+REFUSED_TASK_COMMANDS = {
+    "flwr-agentapp": "AgentApp",
+    "flwr-connector": "connector",
+    "flwr-model": "model",
+    "flwr-serverapp": "ServerApp",
+    "flwr-simulation": "simulation",
+}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -96,28 +115,62 @@ def gated_clientapp(site_listed: set[str], own_hash_cache: Path) -> None:
     flwr_clientapp()
 
 
+def superexec_elsewhere(flower_args: list[str]) -> bool:
+    """Whether these flower-supernode arguments leave the SuperExec to a separate process
+    (`--isolation process`): that one starts task commands from its own PATH, outside this gate."""
+    parser = argparse.ArgumentParser(add_help=False)  # abbreviations as flwr's parser takes them
+    parser.add_argument("--isolation", default="subprocess")
+    try:
+        return parser.parse_known_args(flower_args)[0].isolation != "subprocess"
+    except SystemExit:  # e.g. --isolation without a value: not provably the gated mode
+        return True
+
+
+def refuse_task(command: str) -> int:
+    """A task command this node does not run: say so in the node's log and fail the task.
+
+    The SuperExec that started this process (its parent) writes to the node's log; flwr sends a
+    ServerApp or simulation task's own output to /dev/null, so the refusal goes to the parent's."""
+    message = (f"fedtune: refused {_article(REFUSED_TASK_COMMANDS[command])} task ({command}): this node runs "
+               f"only ClientApp bundles its site approved; the bundle was not installed\n")
+    try:
+        with open(f"/proc/{os.getppid()}/fd/2", "a") as node_log:
+            node_log.write(message)
+    except OSError:
+        sys.stderr.write(message)
+    return 1
+
+
+def _article(kind: str) -> str:
+    return ("an " if kind[0].lower() in "aeiou" else "a ") + kind
+
+
 @dataclass
-class ClientAppGate:
-    """The private directory holding the `flwr-clientapp` shim; `env` puts it first on PATH."""
+class TaskCommandGate:
+    """The private directory holding a shim for every command a SuperNode's SuperExec starts:
+    `flwr-clientapp` with the bundle allowlist, every other one refused. `env` puts it first on PATH."""
 
     directory: Path
     env: dict[str, str]
 
     @classmethod
-    def install(cls) -> ClientAppGate:
+    def install(cls) -> TaskCommandGate:
         listed = site_approved()
-        directory = Path(tempfile.mkdtemp(prefix="fedtune-clientapp-"))  # 0700: only this node's user
-        shim = directory / "flwr-clientapp"
-        shim.write_text(
-            f"#!{sys.executable}\n"
-            "# written by `fedtune supernode` (app/node/fab_allowlist.py): flwr-clientapp with the site's bundle allowlist\n"
-            "import sys\n"
-            "from pathlib import Path\n"
-            f"sys.path.insert(0, {str(APP_ROOT)!r})\n"
-            "from app.node.fab_allowlist import gated_clientapp\n"
-            f"gated_clientapp(set({listed!r}), Path({str(directory / 'own-app.sha256')!r}))\n"
-        )
-        shim.chmod(0o700)
+        directory = Path(tempfile.mkdtemp(prefix="fedtune-tasks-"))  # 0700: only this node's user
+        header = f"#!{sys.executable}\n# written by `fedtune supernode` (app/node/fab_allowlist.py): "
+        prelude = f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(APP_ROOT)!r})\n"
+        shims = {
+            CLIENTAPP_COMMAND: header + "flwr-clientapp with the site's bundle allowlist\n" + prelude
+            + "from app.node.fab_allowlist import gated_clientapp\n"
+            + f"gated_clientapp(set({listed!r}), Path({str(directory / 'own-app.sha256')!r}))\n",
+        }
+        for command in REFUSED_TASK_COMMANDS:
+            shims[command] = (header + "a task this node does not run\n" + prelude
+                              + f"from app.node.fab_allowlist import refuse_task\nsys.exit(refuse_task({command!r}))\n")
+        for command, text in shims.items():
+            shim = directory / command
+            shim.write_text(text)
+            shim.chmod(0o700)
         path = os.pathsep.join([str(directory), os.environ.get("PATH", "")])
         return cls(directory, {"PATH": path})
 

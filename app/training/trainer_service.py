@@ -351,8 +351,13 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
     # `--gpus` ids are nvidia-smi's indices (what the launcher's memory plan reads): make CUDA
     # number the GPUs the same way rather than fastest-first.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    from app.node.fab_allowlist import TaskCommandGate, superexec_elsewhere
     from app.node.flwr_patches import PatchRefused, supernode_command
 
+    if superexec_elsewhere(flower_args):
+        _say("refusing --isolation process: a separate SuperExec would start bundles outside this node's "
+             "bundle allowlist; fedtune supernode runs its own (--isolation subprocess)")
+        return 2
     try:
         command = supernode_command(os.environ)  # Flower's own, or with shorter waits (app/node/flwr_patches.py)
     except PatchRefused as exc:
@@ -363,9 +368,7 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    from app.node.fab_allowlist import ClientAppGate
-
-    gate = ClientAppGate.install()  # only bundles the site approved get installed (app/node/fab_allowlist.py)
+    gate = TaskCommandGate.install()  # ClientApp bundles the site approved, no other task (app/node/fab_allowlist.py)
     watchdog = _Watchdog(socket_path)
     child = None
     try:

@@ -1,0 +1,167 @@
+"""A site's node runs and reads only what its site approved, whatever a run's submitter sends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from processes import Processes
+
+from app.node.fab_allowlist import CLIENTAPP_COMMAND, TaskCommandGate, superexec_elsewhere
+
+AGENT = '''
+import json, os
+from pathlib import Path
+
+from flwr.agentapp import AgentApp
+
+# on a SuperNode (only its environment names the marker): proof that this bundle's code ran there
+if "FEDTUNE_TEST_MARKER" in os.environ:
+    Path(os.environ["FEDTUNE_TEST_MARKER"]).write_text("imported")
+
+app = AgentApp()
+
+
+def call(agent, name, **arguments):
+    return json.loads(agent.grid.call({"name": name, "call_id": name, "arguments": arguments})["output"])
+
+
+@app.main()
+def main(agent, context) -> None:
+    if "FEDTUNE_TEST_MARKER" in os.environ:
+        Path(os.environ["FEDTUNE_TEST_MARKER"]).write_text("ran")
+        return
+    nodes = []  # at the SuperLink: send every node a message, which the node runs as an AgentApp task
+    while not nodes:
+        nodes = call(agent, "get_nodes", sample_size=None)["nodes"]
+    sent = call(agent, "push_messages", messages=[{"dst_node_id": n["id"], "payload": "hello", "reply_to_message_id": None} for n in nodes])
+    call(agent, "pull_messages", message_ids=[r["message_id"] for r in sent["results"] if r["message_id"]], timeout=120)
+'''
+
+AGENT_PYPROJECT = '''
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "agent"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "mallory"
+
+[tool.flwr.app.components]
+agentapp = "agent:app"
+'''
+
+# An AgentApp run is what `flwr chat` starts: a bundle declaring an `agentapp` component, with a prompt.
+START_AGENT_RUN = '''
+import hashlib
+import sys
+from pathlib import Path
+
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.chat.chat_app import start_chat_run
+from flwr.cli.flower_config import read_superlink_connection
+from flwr.cli.utils import init_http_client_from_connection
+
+fab = build_fab_from_disk(Path(sys.argv[1]))
+client = init_http_client_from_connection(read_superlink_connection("fedtune"))
+print(start_chat_run(client, "hello", None, None, fab_hash=hashlib.sha256(fab).hexdigest(), fab_content=fab)[0])
+'''
+
+
+def test_supernode_refuses_an_agent_run(tmp_path):
+    """flwr 1.42's SuperNode turns an AgentApp run's messages into AGENT_APP tasks, which its
+    SuperExec starts as `flwr-agentapp`: that installs and imports the bundle. A node with an empty
+    allowlist refuses it before any of its code runs (the marker stays absent) and logs why."""
+    from app.deploy.launcher import flower_env, free_port, write_cli_config
+
+    app_dir = tmp_path / "agent"
+    app_dir.mkdir()
+    (app_dir / "agent.py").write_text(AGENT)
+    (app_dir / "pyproject.toml").write_text(AGENT_PYPROJECT)
+    marker = tmp_path / "marker"
+    env = flower_env(tmp_path / "flwr-home")
+    port = free_port()
+    write_cli_config(tmp_path / "flwr-home", f"127.0.0.1:{port}", None)
+
+    with Processes(tmp_path / "logs", env) as procs:
+        procs.start("superlink", ["flower-superlink", "--insecure", "--port", str(port)])
+        node_log = procs.supernode("supernode", port, tmp_path / "node", {"FEDTUNE_TEST_MARKER": str(marker), "FEDTUNE_ALLOWED_FABS": ""})
+        deadline = time.monotonic() + 300
+        while True:  # the SuperLink may still be starting
+            done = subprocess.run([sys.executable, "-c", START_AGENT_RUN, str(app_dir)], env=env, capture_output=True, text=True, timeout=300)
+            if done.returncode == 0:
+                break
+            assert time.monotonic() < deadline, done.stdout + done.stderr
+            time.sleep(2)
+        refusal = "refused an AgentApp task (flwr-agentapp)"
+        while refusal not in node_log.read_text() and not marker.exists():
+            assert time.monotonic() < deadline, node_log.read_text()
+            time.sleep(1)
+        time.sleep(3)  # a refusal logged first must not be followed by the bundle running anyway
+        assert not marker.exists(), "the AgentApp bundle's code ran on the SuperNode"
+        assert refusal in node_log.read_text()
+        assert not list((tmp_path / "node").rglob("agent.py")), "the refused bundle was unpacked"
+
+
+# How flwr 1.42's SubprocessExecutor starts a task command: output to /dev/null for some types.
+SUPEREXEC_LIKE = """
+import subprocess, sys
+sys.exit(subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait())
+"""
+
+
+def test_every_task_command_a_superexec_starts_is_gated():
+    """Every task type of the installed flwr has its command in the gate, first on the node's PATH
+    (a type added by a future flwr fails here): `flwr-clientapp` with the bundle allowlist, every
+    other command refused, in the log of the SuperExec that started it, even when flwr sends the
+    task's own output to /dev/null."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    gate = TaskCommandGate.install()
+    try:
+        for task_type in TaskType:
+            command = TASK_TYPE_TO_COMMAND[task_type]
+            found = shutil.which(command, path=gate.env["PATH"])
+            assert found and Path(found).parent == gate.directory, f"{task_type!r}: {command} is not gated"
+            if command == CLIENTAPP_COMMAND:
+                assert "gated_clientapp(" in Path(found).read_text()
+                continue
+            started = subprocess.run([sys.executable, "-c", SUPEREXEC_LIKE, command, "--runtime-api-address", "127.0.0.1:9",
+                                      "--token", "t", "--insecure"], env={**os.environ, **gate.env},
+                                     capture_output=True, text=True, timeout=60)
+            assert started.returncode != 0, command
+            assert f"refused " in started.stderr and f"task ({command})" in started.stderr, (command, started.stderr)
+    finally:
+        gate.close()
+    assert not gate.directory.exists()
+
+
+@pytest.mark.parametrize("args, elsewhere", [
+    ([], False),
+    (["--insecure", "--isolation", "subprocess", "--superlink", "x:1"], False),
+    (["--isolation", "process"], True),
+    (["--isolation=process"], True),
+    (["--isol", "process"], True),  # argparse takes an unambiguous prefix, as flwr's parser does
+    (["--isolation"], True),
+])
+def test_a_separate_superexec_is_recognised(args, elsewhere):
+    assert superexec_elsewhere(args) is elsewhere
+
+
+def test_supernode_refuses_process_isolation(tmp_path):
+    """With `--isolation process` the SuperExec is some other process, starting commands from its
+    own PATH, where the gate is not: `fedtune supernode` refuses to start rather than run ungated."""
+    done = subprocess.run([sys.executable, "-m", "app.cli", "supernode", "--", "--insecure", "--isolation", "process",
+                           "--superlink", "127.0.0.1:9"], env={**os.environ, "FLWR_HOME": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "refusing --isolation process" in done.stderr
