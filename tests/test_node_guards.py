@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from processes import Processes
 
 from app.node.fab_allowlist import CLIENTAPP_COMMAND, TaskCommandGate, superexec_elsewhere
@@ -165,3 +167,69 @@ def test_supernode_refuses_process_isolation(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "refusing --isolation process" in done.stderr
+
+
+@pytest.fixture
+def site_tree(tmp_path, monkeypatch):
+    """A node whose site lets it read `site/` (and its cache); the process runs in `work/`, outside
+    both; `outside/` holds data the run must not reach, also through `site/link`."""
+    for d in ("site/cards", "outside/cards", "work", "cache"):
+        (tmp_path / d).mkdir(parents=True)
+    for d in ("site/cards", "outside/cards"):
+        (tmp_path / d / "train.jsonl").write_text('{"input": "q", "output": "a"}\n')
+    (tmp_path / "site" / "link").symlink_to(tmp_path / "outside")
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FEDTUNE_NODE_READ_DIRS", str(tmp_path / "site"))
+    monkeypatch.chdir(tmp_path / "work")
+    return tmp_path
+
+
+def _dataset(name: str):
+    from app.config import load_settings
+
+    return load_settings({"profile": "tiny", "dataset.name": name})
+
+
+def test_dataset_name_goes_through_the_read_policy(site_tree):
+    """`dataset.name` goes to `datasets.load_dataset`, which loads a local directory before it asks
+    the hub: a run config naming a directory outside the site's read dirs is refused, before any
+    model or data loads, like `dataset.path`; a hub name (owner/name) and `tiny` are no reads."""
+    from app.node.read_policy import ReadRefused, check_run_reads
+    from app.training.worker import RoundWorker
+
+    outside = site_tree / "outside" / "cards"
+    for name in ("tiny", "medalpaca/medical_meadow_medical_flashcards", "owner/name", str(site_tree / "site" / "cards")):
+        check_run_reads(_dataset(name))
+    for name in (str(outside), "../outside/cards", str(site_tree / "site" / "link" / "cards"), "json"):
+        with pytest.raises(ReadRefused, match=r"dataset.name=.* is outside the directories this node may read"):
+            check_run_reads(_dataset(name))
+    (site_tree / "work" / "owner" / "name").mkdir(parents=True)  # now a local directory, outside
+    with pytest.raises(ReadRefused, match="outside the directories"):
+        check_run_reads(_dataset("owner/name"))
+    with pytest.raises(ReadRefused, match="names no file or directory"):  # datasets would load a builder or the hub instead
+        check_run_reads(_dataset(str(site_tree / "site" / "no-such")))
+    with pytest.raises(ReadRefused, match="dataset.name"):
+        RoundWorker().initial_adapter({"profile": "tiny", "dataset.name": str(outside)})
+
+
+SEGMENTS = st.sampled_from(["..", ".", "~", "site", "outside", "cards", "link", "work", "json", "csv", "owner", "name", "train.jsonl"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(absolute=st.booleans(), segments=st.lists(SEGMENTS, min_size=1, max_size=5))
+def test_no_dataset_name_reaches_outside_the_read_dirs(site_tree, absolute, segments):
+    """Whatever `dataset.name` a run sends, if the node accepts it then `datasets.load_dataset`,
+    judged by its own rules (a builder name reads the working directory; an existing directory
+    is loaded from disk; anything else goes to the hub), reads nothing outside the read dirs."""
+    from datasets.load import _PACKAGED_DATASETS_MODULES
+
+    from app.node.read_policy import ReadRefused, check_run_reads, read_dirs
+
+    name = (str(site_tree) + "/" if absolute else "") + "/".join(segments)
+    try:
+        check_run_reads(_dataset(name))
+    except ReadRefused:
+        return
+    assert name not in _PACKAGED_DATASETS_MODULES, name
+    if os.path.isdir(name):
+        assert any(Path(name).resolve().is_relative_to(d) for d in read_dirs()), name
