@@ -141,3 +141,104 @@ def test_the_pull_retry_is_left_alone_on_another_flwr(monkeypatch):
     monkeypatch.setattr(flwr_patches, "installed_flwr", lambda: "1.43.0")
     assert not flwr_patches.shorten_pull_retry(http_grid)
     assert http_grid.pull_objects is original
+
+
+class _RuntimeWithReplies:
+    """The Runtime API as the ServerApp's grid sees it: replies published with their object trees,
+    their objects pulled one request each (counted)."""
+
+    def __init__(self, replies) -> None:
+        from flwr.app.message import remove_content_from_message
+        from flwr.common.serde import message_to_proto
+        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_tree
+
+        self.protos = [message_to_proto(remove_content_from_message(r)) for r in replies]
+        self.trees = [get_object_tree(r) for r in replies]
+        self.objects = {i: o.deflate() for r in replies for i, o in get_all_nested_objects(r).items()}
+        self.pulled: list[str] = []
+
+    def PullMessages(self, request):  # noqa: N802 (flwr's names)
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(messages_list=self.protos, message_object_trees=self.trees)
+
+    def PullObject(self, request):  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        self.pulled.append(request.object_id)
+        return PullObjectResponse(object_found=True, object_available=True, object_content=self.objects[request.object_id])
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        return None
+
+
+def _reply(monkeypatch, arrays: dict[str, int]):
+    """A reply as a node sends it: uint8 arrays of the given byte counts, wire and metrics records."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 7)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    rng = np.random.default_rng(len(arrays))
+    records = ArrayRecord({k: Array(rng.integers(0, 256, n, dtype=np.uint8)) for k, n in arrays.items()})
+    reply = Message(RecordDict({"arrays": records, "wire": ConfigRecord({"index": "[]"}), "metrics": MetricRecord({"num-examples": 1})}),
+                    dst_node_id=0, message_type="train")
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    return reply
+
+
+def _pull(monkeypatch, reply):
+    """The reply through flwr's own HttpGrid.pull_messages, and what it pulled."""
+    from flwr.superlink.grid.http_grid import HttpGrid
+    from flwr.supercore.run import Run
+
+    grid, runtime = HttpGrid(token="t"), _RuntimeWithReplies([reply])
+    grid._client, grid._run = runtime, Run.create_empty(1)
+    (message,) = grid.pull_messages([reply.metadata.message_id])
+    return message, runtime
+
+
+def test_a_reply_far_above_its_expected_size_is_refused_before_it_is_pulled(monkeypatch):
+    """The ServerApp's grid learns each reply's object tree (ids, no sizes) before it pulls a byte.
+    A reply with more objects than one of the expected size is an error reply with nothing pulled;
+    one whose objects add up past the expected bytes stops being pulled at that point; an honest
+    reply is untouched."""
+    from flwr.superlink.grid import http_grid
+
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after the test
+    assert flwr_patches.shorten_pull_retry(http_grid)
+    assert flwr_patches.bound_reply_pulls(http_grid, max_bytes=2 << 20)
+
+    honest = _reply(monkeypatch, {"packed": 1 << 20})
+    message, _ = _pull(monkeypatch, honest)
+    assert not message.has_error()
+    assert bytes(message.content["arrays"]["packed"].data) == bytes(honest.content["arrays"]["packed"].data)
+
+    many = _reply(monkeypatch, {f"t{i}": 64 for i in range(40)})  # 40 arrays, 40 chunks, 3 records, RecordDict, Message
+    message, runtime = _pull(monkeypatch, many)
+    assert message.has_error() and "its tree has 85 objects" in message.error.reason, message.error.reason
+    assert runtime.pulled == []
+
+    assert flwr_patches.bound_reply_pulls(http_grid, max_bytes=2 << 20, max_arrays=100)  # the bound replaced, not nested
+    large = _reply(monkeypatch, {f"t{i}": 256 << 10 for i in range(40)})  # 10 MiB in 40 arrays
+    message, runtime = _pull(monkeypatch, large)
+    assert message.has_error() and "exceed 2097152 bytes" in message.error.reason, message.error.reason
+    pulled = sum(len(runtime.objects[i]) for i in runtime.pulled)
+    assert pulled <= (2 << 20) + 2 * (256 << 10) + 4096, pulled  # the bound, plus flwr's 2 pulls in flight
+    assert len(runtime.pulled) < len(runtime.objects) / 2
+    message, _ = _pull(monkeypatch, many)  # within the new bound
+    assert not message.has_error()
+    assert http_grid.pull_objects.pull.keywords == {"initial_backoff": flwr_patches.PULL_RETRY_SECONDS}
+
+
+def test_the_reply_bound_is_left_alone_on_another_flwr(monkeypatch):
+    from flwr.superlink.grid import http_grid
+
+    original = http_grid.pull_objects
+    monkeypatch.setattr(flwr_patches, "installed_flwr", lambda: "1.43.0")
+    assert not flwr_patches.bound_reply_pulls(http_grid, max_bytes=1 << 20)
+    assert http_grid.pull_objects is original
+    with pytest.raises(ValueError, match="max_bytes"):
+        flwr_patches.bound_reply_pulls(http_grid, max_bytes=0)

@@ -16,7 +16,15 @@ any other flwr the poll setting is refused with an error and the other two are l
    4, ... 10 s) when it finds one missing: on the H200 the ServerApp's pull of a reply hit that
    1 s in 2 rounds of 3. `shorten_pull_retry` makes the first wait PULL_RETRY_SECONDS (the
    doubling and the cap stay), in the ServerApp's process and in the patched SuperNode's.
-3. A ClientApp process that does not import the SuperNode. `flwr-clientapp` lives in
+3. A bound on what the ServerApp pulls for one reply (issue 24). The SuperLink answers the
+   grid's PullMessages with each reply's object tree (object ids and children, no sizes) and the
+   grid then pulls every object (`pull_objects`) before anything can look at the reply.
+   `bound_reply_pulls` refuses, as an error reply of its own, a reply whose tree has more objects
+   than one of the expected size can have, before pulling any, and stops pulling one whose
+   objects add up to more than the expected bytes. The tree declares no sizes, so one object is
+   held whole before it can be counted: what the SuperLink accepted in one request, the edge's
+   body limit.
+4. A ClientApp process that does not import the SuperNode. `flwr-clientapp` lives in
    `flwr.supernode.cli`, whose package imports `flower_supernode` and with it the SuperNode's
    object store (sqlalchemy, alembic), which a ClientApp process never uses; a process starts
    per message. `import_clientapp_command` imports the command's own module alone.
@@ -30,6 +38,7 @@ import functools
 import inspect
 import os
 import sys
+import threading
 import time
 
 POLL_ENV = "FEDTUNE_SUPERNODE_POLL_SECONDS"
@@ -38,6 +47,7 @@ IDLE_SLEEP, REPLY_SLEEP = 3, 0.5  # flwr 1.42.0's literals, checked against its 
 REPLY_WAIT_SECONDS = 0.1  # local: the SuperNode's own state, no request leaves the node
 PULL_RETRY_SECONDS = 0.1  # then 0.2, 0.4, ...: four requests more than flwr's before its own 1 s
 POLL_RANGE = (0.2, 3.0)
+REPLY_RECORD_OBJECTS = 16  # a reply's objects besides arrays and chunks: Message, RecordDict, records (ours: 5)
 GPU_POLL_SECONDS = "0.5"  # what the launcher and compose files set for GPU nodes unless the environment does
 
 
@@ -96,14 +106,77 @@ def apply(idle: float) -> None:
     shorten_pull_retry(target)
 
 
+def _flwr_pull(module):
+    """`module.pull_objects` as flwr 1.42.0 has it, under these patches (unwrapped), or None."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    pull = getattr(module, "pull_objects", None)
+    pull = pull.pull if isinstance(pull, _BoundedPull) else pull
+    flwr_own = pull is inflatable_utils.pull_objects or (isinstance(pull, functools.partial) and pull.func is inflatable_utils.pull_objects)
+    return pull if installed_flwr() == PATCHED_VERSION and flwr_own else None
+
+
 def shorten_pull_retry(module) -> bool:
     """`module.pull_objects` (flwr's, as the SuperNode and the ServerApp's grid import it) with
     its first retry after PULL_RETRY_SECONDS; False, and nothing changed, on any other flwr."""
     from flwr.supercore.inflatable import inflatable_utils
 
-    if installed_flwr() != PATCHED_VERSION or getattr(module, "pull_objects", None) is not inflatable_utils.pull_objects:
+    if _flwr_pull(module) is None:
         return False
-    module.pull_objects = functools.partial(inflatable_utils.pull_objects, initial_backoff=PULL_RETRY_SECONDS)
+    shortened = functools.partial(inflatable_utils.pull_objects, initial_backoff=PULL_RETRY_SECONDS)
+    if isinstance(module.pull_objects, _BoundedPull):
+        module.pull_objects.pull = shortened
+    else:
+        module.pull_objects = shortened
+    return True
+
+
+class _BoundedPull:
+    """flwr's `pull_objects(object_ids, pull_object_fn, ...)` for one reply's objects, refusing
+    too many objects before pulling any and too many bytes as they arrive (ObjectPullError, which
+    flwr's grid turns into an error reply for that message alone)."""
+
+    def __init__(self, pull, max_bytes: int, max_objects: int) -> None:
+        self.pull, self.max_bytes, self.max_objects = pull, max_bytes, max_objects
+
+    def __call__(self, object_ids, pull_object_fn, **kwargs):
+        from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
+
+        if len(object_ids) > self.max_objects:
+            raise ObjectPullError(object_ids[0], f"fedtune refused the reply: its tree has {len(object_ids)} objects, "
+                                                 f"more than the {self.max_objects} of a reply of at most {self.max_bytes} bytes; none pulled")
+        pulled, lock = [0], threading.Lock()
+
+        def counted(object_id: str) -> bytes:
+            content = pull_object_fn(object_id)
+            with lock:
+                pulled[0] += len(content)
+                total = pulled[0]
+            if total > self.max_bytes:  # pull_objects stops the other pulls on this error
+                raise ObjectPullError(object_id, f"fedtune refused the reply: its objects exceed {self.max_bytes} bytes; "
+                                                 "the rest were not pulled")
+            return content
+
+        return self.pull(object_ids, counted, **kwargs)
+
+
+def bound_reply_pulls(module, max_bytes: int, max_arrays: int = 1) -> bool:
+    """Bound what `module.pull_objects` (the ServerApp's grid module, flwr.superlink.grid.http_grid)
+    pulls for each reply: at most `max_bytes` of object contents (everything a reply holds, its
+    arrays' bytes plus a few hundred bytes per record), in at most the objects a reply of that
+    size with `max_arrays` arrays can have. A reply past either is an error reply ("fedtune
+    refused the reply: ..."), the other replies are untouched. Call again to change the bound;
+    composes with shorten_pull_retry in either order. False, and nothing changed, on any other flwr."""
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+
+    if max_bytes < 1 or max_arrays < 1:
+        raise ValueError(f"bound_reply_pulls: max_bytes ({max_bytes}) and max_arrays ({max_arrays}) must be positive")
+    if (pull := _flwr_pull(module)) is None:
+        return False
+    # flwr cuts each array into chunks of at most FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE: one Array object
+    # per array, its chunks, and the records holding them.
+    chunks = max_bytes // FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + max_arrays
+    module.pull_objects = _BoundedPull(pull, max_bytes, chunks + max_arrays + REPLY_RECORD_OBJECTS)
     return True
 
 
