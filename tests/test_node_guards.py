@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from processes import Processes
+from test_security import INTRUDER, INTRUDER_PYPROJECT
 
 from app.node.fab_allowlist import CLIENTAPP_COMMAND, TaskCommandGate, superexec_elsewhere
 
@@ -112,6 +113,17 @@ def test_supernode_refuses_an_agent_run(tmp_path):
         assert not marker.exists(), "the AgentApp bundle's code ran on the SuperNode"
         assert refusal in node_log.read_text()
         assert not list((tmp_path / "node").rglob("agent.py")), "the refused bundle was unpacked"
+
+        # The node still takes ClientApp tasks afterwards, through its bundle check.
+        client_dir = tmp_path / "intruder"
+        client_dir.mkdir()
+        (client_dir / "intruder.py").write_text(INTRUDER)
+        (client_dir / "pyproject.toml").write_text(INTRUDER_PYPROJECT)
+        subprocess.run(["flwr", "run", str(client_dir), "fedtune"], env=env, check=True, capture_output=True, timeout=300)
+        while "not approved by this site" not in node_log.read_text():
+            assert time.monotonic() < deadline, node_log.read_text()
+            time.sleep(1)
+        assert not marker.exists()
 
 
 # How flwr 1.42's SubprocessExecutor starts a task command: output to /dev/null for some types.

@@ -18,9 +18,9 @@ A ClientApp is not the only thing a SuperNode's SuperExec starts: it starts one 
 type (`flwr.supercore.constant.TASK_TYPE_TO_COMMAND`), and flwr 1.42's SuperNode turns every
 message of an *agent* run into an AGENT_APP task, started as `flwr-agentapp`, which installs and
 imports the bundle unchecked. A fedtune node runs ClientApps only, so every other task command
-is shadowed on the same PATH by one that refuses the task, in the node's log, without importing
-flwr or touching the bundle (tests/test_node_guards.py checks that every task type of the
-installed flwr has a command here). A SuperExec the node does not start itself (`--isolation
+is shadowed on the same PATH by one that refuses the task: it says so in the node's log and
+finishes the task as failed (the run's message gets an error reply), never fetching the bundle
+(tests/test_node_guards.py checks that every task type of the installed flwr has a command here). A SuperExec the node does not start itself (`--isolation
 process`) would start commands from its own PATH: `fedtune supernode` refuses that mode.
 """
 
@@ -126,19 +126,60 @@ def superexec_elsewhere(flower_args: list[str]) -> bool:
         return True
 
 
-def refuse_task(command: str) -> int:
-    """A task command this node does not run: say so in the node's log and fail the task.
+def refuse_task(command: str, argv: list[str]) -> int:
+    """A task command this node does not run, started with flwr's arguments `argv`: say so in the
+    node's log and finish the task as failed, without installing its bundle.
 
     The SuperExec that started this process (its parent) writes to the node's log; flwr sends a
     ServerApp or simulation task's own output to /dev/null, so the refusal goes to the parent's."""
-    message = (f"fedtune: refused {_article(REFUSED_TASK_COMMANDS[command])} task ({command}): this node runs "
-               f"only ClientApp bundles its site approved; the bundle was not installed\n")
+    reason = (f"fedtune refused {_article(REFUSED_TASK_COMMANDS[command])} task ({command}): this node runs "
+              "only ClientApp bundles its site approved; the bundle was not installed")
+    problem = _fail_task(command, argv, reason)
+    message = f"fedtune: {reason.removeprefix('fedtune ')}" + (f" ({problem})" if problem else "") + "\n"
     try:
         with open(f"/proc/{os.getppid()}/fd/2", "a") as node_log:
             node_log.write(message)
     except OSError:
         sys.stderr.write(message)
     return 1
+
+
+def _fail_task(command: str, argv: list[str], reason: str) -> str | None:
+    """Finish the task as failed through the node's Runtime API (with the token flwr started this
+    process with); None, or what went wrong. flwr 1.42's SuperNode handles one message at a time
+    and waits for its reply: a task left unfinished would stall the node (its SuperExec starts it
+    again each time its token expires), a failed one gets the run's message an error reply."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--runtime-api-address", default="")
+    parser.add_argument("--token", default="")
+    parser.add_argument("--insecure", action="store_true")
+    parser.add_argument("--root-certificates")
+    args, _ = parser.parse_known_args(argv)
+    if not (args.runtime_api_address and args.token):
+        return "no Runtime API address or token to finish the task with"
+    from flwr.common.constant import SubStatus
+    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PushTaskOutputRequest
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supercore.tls import validate_and_resolve_root_certificates
+
+    try:
+        client = RuntimeHttpClient.from_server_address(
+            server_address=args.runtime_api_address,
+            insecure=args.insecure,
+            root_certificates=validate_and_resolve_root_certificates(args.root_certificates, args.insecure),
+            interceptors=[RuntimeVersionHttpInterceptor(component_name=command), RuntimeTokenHttpInterceptor(args.token)],
+        )
+        try:
+            # The task's message taken (metadata and object ids only), so that failing the task
+            # answers it: flwr errors the messages an AgentApp task took when the task fails.
+            client.PullMessages(PullAppMessagesRequest())
+            client.PushTaskOutput(PushTaskOutputRequest(sub_status=SubStatus.FAILED, details=reason))
+        finally:
+            client.close()
+    except Exception as exc:  # the refusal stands; the SuperNode expires the task's token instead
+        return f"could not mark the task failed: {type(exc).__name__}: {exc}"
+    return None
 
 
 def _article(kind: str) -> str:
@@ -166,7 +207,7 @@ class TaskCommandGate:
         }
         for command in REFUSED_TASK_COMMANDS:
             shims[command] = (header + "a task this node does not run\n" + prelude
-                              + f"from app.node.fab_allowlist import refuse_task\nsys.exit(refuse_task({command!r}))\n")
+                              + f"from app.node.fab_allowlist import refuse_task\nsys.exit(refuse_task({command!r}, sys.argv[1:]))\n")
         for command, text in shims.items():
             shim = directory / command
             shim.write_text(text)
