@@ -42,7 +42,8 @@ def main(agent, context) -> None:
     nodes = []  # at the SuperLink: send every node a message, which the node runs as an AgentApp task
     while not nodes:
         nodes = call(agent, "get_nodes", sample_size=None)["nodes"]
-    sent = call(agent, "push_messages", messages=[{"dst_node_id": n["id"], "payload": "hello", "reply_to_message_id": None} for n in nodes])
+    messages = [{"dst_node_id": n["id"], "payload": "hello", "reply_to_message_id": None} for n in nodes]
+    sent = call(agent, "push_messages", messages=messages)
     call(agent, "pull_messages", message_ids=[r["message_id"] for r in sent["results"] if r["message_id"]], timeout=120)
 '''
 
@@ -97,10 +98,12 @@ def test_supernode_refuses_an_agent_run(tmp_path):
 
     with Processes(tmp_path / "logs", env) as procs:
         procs.start("superlink", ["flower-superlink", "--insecure", "--port", str(port)])
-        node_log = procs.supernode("supernode", port, tmp_path / "node", {"FEDTUNE_TEST_MARKER": str(marker), "FEDTUNE_ALLOWED_FABS": ""})
+        node_log = procs.supernode("supernode", port, tmp_path / "node",
+                                   {"FEDTUNE_TEST_MARKER": str(marker), "FEDTUNE_ALLOWED_FABS": ""})
         deadline = time.monotonic() + 300
         while True:  # the SuperLink may still be starting
-            done = subprocess.run([sys.executable, "-c", START_AGENT_RUN, str(app_dir)], env=env, capture_output=True, text=True, timeout=300)
+            done = subprocess.run([sys.executable, "-c", START_AGENT_RUN, str(app_dir)], env=env,
+                                  capture_output=True, text=True, timeout=300)
             if done.returncode == 0:
                 break
             assert time.monotonic() < deadline, done.stdout + done.stderr

@@ -20,8 +20,9 @@ message of an *agent* run into an AGENT_APP task, started as `flwr-agentapp`, wh
 imports the bundle unchecked. A fedtune node runs ClientApps only, so every other task command
 is shadowed on the same PATH by one that refuses the task: it says so in the node's log and
 finishes the task as failed (the run's message gets an error reply), never fetching the bundle
-(tests/test_node_guards.py checks that every task type of the installed flwr has a command here). A SuperExec the node does not start itself (`--isolation
-process`) would start commands from its own PATH: `fedtune supernode` refuses that mode.
+(tests/test_node_guards.py checks that every task type of the installed flwr has a command here).
+A SuperExec the node does not start itself (`--isolation process`) would start commands from its
+own PATH: `fedtune supernode` refuses that mode.
 """
 
 from __future__ import annotations
@@ -132,10 +133,10 @@ def refuse_task(command: str, argv: list[str]) -> int:
 
     The SuperExec that started this process (its parent) writes to the node's log; flwr sends a
     ServerApp or simulation task's own output to /dev/null, so the refusal goes to the parent's."""
-    reason = (f"fedtune refused {_article(REFUSED_TASK_COMMANDS[command])} task ({command}): this node runs "
+    reason = (f"refused {_article(REFUSED_TASK_COMMANDS[command])} task ({command}): this node runs "
               "only ClientApp bundles its site approved; the bundle was not installed")
-    problem = _fail_task(command, argv, reason)
-    message = f"fedtune: {reason.removeprefix('fedtune ')}" + (f" ({problem})" if problem else "") + "\n"
+    problem = _fail_task(command, argv, f"fedtune {reason}")
+    message = f"fedtune: {reason}" + (f" ({problem})" if problem else "") + "\n"
     try:
         with open(f"/proc/{os.getppid()}/fd/2", "a") as node_log:
             node_log.write(message)

@@ -112,7 +112,8 @@ def _flwr_pull(module):
 
     pull = getattr(module, "pull_objects", None)
     pull = pull.pull if isinstance(pull, _BoundedPull) else pull
-    flwr_own = pull is inflatable_utils.pull_objects or (isinstance(pull, functools.partial) and pull.func is inflatable_utils.pull_objects)
+    flwr_own = pull is inflatable_utils.pull_objects or (
+        isinstance(pull, functools.partial) and pull.func is inflatable_utils.pull_objects)
     return pull if installed_flwr() == PATCHED_VERSION and flwr_own else None
 
 
@@ -143,8 +144,8 @@ class _BoundedPull:
         from flwr.supercore.inflatable.inflatable_utils import ObjectPullError
 
         if len(object_ids) > self.max_objects:
-            raise ObjectPullError(object_ids[0], f"fedtune refused the reply: its tree has {len(object_ids)} objects, "
-                                                 f"more than the {self.max_objects} of a reply of at most {self.max_bytes} bytes; none pulled")
+            raise ObjectPullError(object_ids[0], f"fedtune refused the reply: its tree has {len(object_ids)} objects, more "
+                                                 f"than the {self.max_objects} of a reply of {self.max_bytes} bytes; none pulled")
         pulled, lock = [0], threading.Lock()
 
         def counted(object_id: str) -> bytes:
