@@ -84,7 +84,9 @@ print(start_chat_run(client, "hello", None, None, fab_hash=hashlib.sha256(fab).h
 def test_supernode_refuses_an_agent_run(tmp_path):
     """flwr 1.42's SuperNode turns an AgentApp run's messages into AGENT_APP tasks, which its
     SuperExec starts as `flwr-agentapp`: that installs and imports the bundle. A node with an empty
-    allowlist refuses it before any of its code runs (the marker stays absent) and logs why."""
+    allowlist refuses it before any of its code runs (the marker stays absent) and logs why; the
+    refused task is finished as failed, so the node is not left waiting for its reply and takes
+    the next run's ClientApp message (flwr's SuperNode handles one message at a time)."""
     from app.deploy.launcher import flower_env, free_port, write_cli_config
 
     app_dir = tmp_path / "agent"
