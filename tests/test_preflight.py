@@ -159,3 +159,63 @@ def test_interpolation_reads_as_compose_does(name, value, default, is_set):
     assert interpolate(f"${{{name}:-{default}}}", env) == (value if is_set and value else default)
     assert interpolate(f"${{{name}-{default}}}", env) == (value if is_set else default)
     assert interpolate(f"a/${{{name}}}/b", env) == f"a/{value if is_set else ''}/b"
+
+
+class _FakeCompose:
+    """Plays `docker compose`: `up` exits with `up_code`; `ps` lists `containers`; logs per service."""
+
+    def __init__(self, up_code: int, containers: list[dict], one_array: bool = False) -> None:
+        self.up_code, self.containers, self.one_array, self.calls = up_code, containers, one_array, []
+
+    def __call__(self, argv, **kwargs):
+        import json
+        import subprocess
+
+        self.calls.append(argv[4:])
+        verb, stdout = argv[4], ""
+        if verb == "up":
+            return subprocess.CompletedProcess(argv, self.up_code)
+        if verb == "ps":
+            stdout = json.dumps(self.containers) if self.one_array else "\n".join(json.dumps(c) for c in self.containers)
+        if verb == "logs":
+            stdout = f"{argv[-1]}: OSError: We couldn't connect to 'https://huggingface.co'\n"
+        return subprocess.CompletedProcess(argv, 0, stdout, "")
+
+
+@pytest.mark.parametrize("one_array", [False, True])
+def test_a_failed_up_prints_the_failed_services_logs_and_leaves_nothing_running(tmp_path, capsys, one_array):
+    from app.deploy.stack_up import stack_up
+
+    compose = _FakeCompose(1, [
+        {"Service": "model-cache", "State": "exited", "ExitCode": 1},
+        {"Service": "certs", "State": "exited", "ExitCode": 0},
+        {"Service": "superlink", "State": "running", "ExitCode": 0},
+        {"Service": "serverapp", "State": "running", "ExitCode": 0},
+    ], one_array)
+    compose_file = _stack(tmp_path)
+    assert stack_up(compose_file, run=compose, preflight=False) == 1
+    out = capsys.readouterr().out
+    assert compose.calls[0] == ["up", "--exit-code-from", "report"]
+    assert ["logs", "--no-color", "--tail", "40", "model-cache"] in compose.calls
+    assert not any(c[:1] == ["logs"] and c[-1] == "certs" for c in compose.calls)  # it succeeded
+    assert compose.calls[-1] == ["down"]  # volumes kept: no -v
+    assert "model-cache exited with code 1" in out and "couldn't connect to 'https://huggingface.co'" in out
+    assert "stopping and removing serverapp, superlink with `docker compose down`" in out
+
+
+def test_a_successful_up_is_left_alone_and_a_failed_check_starts_nothing(tmp_path, monkeypatch, capsys):
+    from app.deploy.stack_up import stack_up
+
+    compose = _FakeCompose(0, [])
+    assert stack_up(_stack(tmp_path), run=compose, preflight=False) == 0
+    assert compose.calls == [["up", "--exit-code-from", "report"]]
+    compose = _FakeCompose(0, [])
+    monkeypatch.setattr(preflight, "Host", lambda: _host())  # no NVIDIA runtime
+    (tmp_path / "s").mkdir()
+    assert stack_up(_stack(tmp_path / "s"), run=compose, preflight=True) == 1
+    assert compose.calls == [] and "FAIL GPU runtime" in capsys.readouterr().out
+    # the coordinator's file ends with `run`
+    (tmp_path / "c").mkdir()
+    compose = _FakeCompose(0, [])
+    assert stack_up(_stack(tmp_path / "c", StackSpec(role="superlink")), run=compose, preflight=False) == 0
+    assert compose.calls == [["up", "--exit-code-from", "run"]]

@@ -5,6 +5,7 @@
     fedtune stack compose --role site > compose.site.yaml             # one hospital's SuperNode
     fedtune stack smoke                                               # CPU smoke run of the whole stack
     fedtune stack check [-f compose.yaml]                             # what this host lacks to run it
+    fedtune stack up [-f compose.yaml]                                # check, up; on failure logs, then down
 
 The services (docs/docker.md):
 
@@ -278,6 +279,20 @@ def cmd_check(args) -> int:
     return code
 
 
+def cmd_up(args) -> int:
+    from app.deploy.stack_up import stack_up
+
+    compose_file = Path(args.file)
+    if not compose_file.is_file():
+        print(f"fedtune: {compose_file}: no such compose file (generate one with `fedtune stack compose`)", file=sys.stderr)
+        return 2
+    try:
+        return stack_up(compose_file, preflight=not args.no_check)
+    except ValueError as exc:
+        print(f"fedtune: {compose_file}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_smoke(args) -> int:
     from app.deploy.smoke import smoke
 
@@ -326,6 +341,12 @@ def register(subparsers) -> None:
                                       "download, the results directory's owner) and what to do")
     ck.add_argument("-f", "--file", default="compose.yaml", help="the compose file (default compose.yaml)")
     ck.set_defaults(func=cmd_check)
+
+    up = sub.add_parser("up", help="check the host, then `docker compose up --exit-code-from` the file's last service; "
+                                   "when that fails, print the failed services' logs and `docker compose down`")
+    up.add_argument("-f", "--file", default="compose.yaml", help="the compose file (default compose.yaml)")
+    up.add_argument("--no-check", action="store_true", help="skip `fedtune stack check`")
+    up.set_defaults(func=cmd_up)
 
     sm = sub.add_parser("smoke", help="CPU smoke run: the stack with the tiny profile, N SuperNodes, R rounds; then down")
     sm.add_argument("--nodes", type=int, default=DEFAULT_NODES)
