@@ -177,7 +177,7 @@ def test_too_few_nodes_names_the_nodes_and_what_the_superlink_knows(tmp_path, ca
     code = _run(["--superlink", "127.0.0.1:9093", "--insecure", "--nodes", "4", "--connect-timeout", "0.3"], tmp_path)
     err = capsys.readouterr().err
     assert code == 1
-    assert "only 1 of 4 SuperNodes connected" in err and "the SuperLink answers" in err
+    assert "only 1 of 4 SuperNodes connected" in err and "the SuperLink answers and also knows" in err
     assert "2 registered" in err and "1 offline" in err
 
 
@@ -220,13 +220,12 @@ def test_the_pending_timeout_comes_from_the_environment(tmp_path, capsys, fake_f
 def test_a_running_run_is_not_cut_off_by_the_pending_timeout(tmp_path, capsys, fake_flwr, monkeypatch):
     fake_flwr(["online"], run_status="running")
     statuses = iter(["running", "running", "running", "finished:completed"])
-    real_row = launcher.run_row
 
-    def slow_row(run_id, env):  # each answer after the timeout would have struck
+    def slow_status(run_id, env):  # each answer after the timeout would have struck
         time.sleep(0.4)
-        return {**real_row(run_id, env), "status": next(statuses)}
+        return next(statuses)
 
-    monkeypatch.setattr(launcher, "run_row", slow_row)
+    monkeypatch.setattr(launcher, "run_status", slow_status)
     assert _run(["--superlink", "127.0.0.1:9093", "--insecure", "--nodes", "1", "--profile", "tiny",
                  "--pending-timeout", "0.3"], tmp_path) == 0
     assert "run 7: finished:completed" in capsys.readouterr().out

@@ -335,8 +335,7 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
         if federation:
             federation.check(essential)
         try:
-            row = run_row(run_id, env)
-            status = str(row.get("status", "unknown"))
+            status = run_status(run_id, env)
             answered = time.monotonic()
         except LaunchError as exc:  # the SuperLink restarting (flwr_json also turns timeouts into this): wait for it
             silent = time.monotonic() - answered
@@ -346,7 +345,7 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
                   file=out, flush=True)
             status = "unknown"
         if status in NOT_STARTED and answered - submitted > pending_timeout:
-            raise LaunchError(_not_started(run_id, row, answered - submitted, env))
+            raise LaunchError(_not_started(run_id, answered - submitted, env))
         if metrics.exists():
             chunk = read_jsonl_from(metrics, offset, lines_read + 1)
             offset, lines_read = chunk.end, lines_read + chunk.lines
@@ -362,8 +361,12 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
         time.sleep(POLL_SECONDS)
 
 
-def _not_started(run_id: str, row: dict[str, Any], waited: float, env: dict[str, str]) -> str:
+def _not_started(run_id: str, waited: float, env: dict[str, str]) -> str:
     """Why a run never began, and the attempt to stop it (so it does not start unattended later)."""
+    try:
+        row = run_row(run_id, env)
+    except LaunchError as exc:
+        row = {"status": f"unknown ({exc})"}
     try:
         flwr_json(["stop", run_id, FEDERATION], env)
         stopped = "stopped it"
@@ -402,10 +405,10 @@ def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | 
     out = out or sys.stdout
     unreachable_seconds = UNREACHABLE_SECONDS if unreachable_seconds is None else unreachable_seconds
     started = time.monotonic()
-    deadline, last, statuses, error, reached = started + timeout, -1, {}, None, False
+    deadline, last, count, error, reached = started + timeout, -1, 0, None, False
     while True:
         try:  # a SuperLink still starting, or a host too busy to answer in time: ask again
-            statuses, error, reached = node_statuses(env), None, True
+            count, error, reached = online_nodes(env), None, True
         except LaunchError as exc:
             error = exc
             if address is not None and isinstance(exc, FlwrError):
@@ -416,7 +419,6 @@ def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | 
                     if not reached and time.monotonic() - started > unreachable_seconds:
                         raise LaunchError(f"the SuperLink is unreachable: {reason} (for {time.monotonic() - started:.0f} s); "
                                           f"check --superlink and that the SuperLink is up. flwr: {exc.flwr_message}") from None
-        count = statuses.get("online", 0)
         if count >= expected:
             break
         if federation:
@@ -425,16 +427,24 @@ def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | 
             print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
             last = count
         if time.monotonic() > deadline:
-            if error is not None and not reached:
-                raise LaunchError(f"the SuperLink did not answer within {timeout:.0f} s: {error}")
-            known = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()) if status != "online")
-            raise LaunchError(
-                f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s; the SuperLink answers"
-                + (f" and also knows {known} (registered: its key is known but it never connected; offline: it stopped sending heartbeats)"
-                   if known else " and knows no other SuperNode (are their keys registered?)")
-                + "; see the SuperNodes' logs" + (f"; last error: {error}" if error else ""))
+            raise LaunchError(f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s; "
+                              + (_known_nodes(env) if reached else "the SuperLink never answered")
+                              + (f"; last error: {error}" if error else ""))
         time.sleep(POLL_SECONDS)
     print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
+
+
+def _known_nodes(env: dict[str, str]) -> str:
+    """What the SuperLink knows of the nodes that are not online, for a too-few-nodes error."""
+    try:
+        statuses = node_statuses(env)
+    except (LaunchError, OSError) as exc:
+        return f"the SuperLink answered before ({exc} now)"
+    known = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()) if status != "online")
+    if not known:
+        return "the SuperLink answers and knows no other SuperNode (are their keys registered?); see the SuperNodes' logs"
+    return (f"the SuperLink answers and also knows {known} (registered: its key is known but it never connected; "
+            "offline: it stopped sending heartbeats); see those SuperNodes' logs")
 
 
 def build_run_config(profile: str, rounds: int | None, data: str | None, results: Path, extra: str, resume_from: str = "") -> dict[str, Any]:
