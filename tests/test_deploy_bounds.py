@@ -113,8 +113,8 @@ def test_memory_limits_follow_the_role_and_profile():
     # a SuperNode loads a 4-bit 8B base: ~5.5 GiB of host RAM at load, plus its ClientApp
     assert _mebibytes(seed["supernode-0"]["mem_limit"]) >= 8 * 1024
     assert all(seed[f"supernode-{i}"]["mem_limit"] == seed["supernode-0"]["mem_limit"] for i in range(3))
-    # the smoke stack's tiny nodes get small limits: 20 of them fit a small host
-    assert _mebibytes(tiny["supernode-0"]["mem_limit"]) <= 2048
+    # the smoke stack's tiny nodes get smaller limits, above the 1.66 GiB peak measured in a tiny run
+    assert 1.66 * 1024 * 1.5 <= _mebibytes(tiny["supernode-0"]["mem_limit"]) <= 4096
     assert _mebibytes(tiny["serverapp"]["mem_limit"]) < _mebibytes(seed["serverapp"]["mem_limit"])
     # the evaluation loads the base once per GPU
     assert _mebibytes(seed["evaluate"]["mem_limit"]) == 2 * _mebibytes(compose_spec(StackSpec(nodes=3, gpus=1))["services"]["evaluate"]["mem_limit"])

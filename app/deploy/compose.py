@@ -144,17 +144,20 @@ MEMORY_SEED = {
     "evaluate-per-gpu": 20,  # GiB, times the stack's GPUs
     "report": "1g",  # matplotlib charts of one run
 }
-# The tiny profile (the smoke stack, CPU): a 64-wide model; torch's import is most of each process
+# The tiny profile (the smoke stack, CPU): a 64-wide model; importing torch, transformers and peft
+# is most of each process. Peaks measured on a 2-round tiny `fedtune local up` (RSS of each
+# process tree, 2026-12-06): SuperNode 1.66 GiB (trainer 1.1 of it), ServerApp's SuperExec
+# 1.28 GiB, SuperLink 166 MiB, `fedtune eval-run` 1.18 GiB, `fedtune stack cache` 37 MiB.
 MEMORY_TINY = {
-    "supernode": "1536m",  # idle 200 MiB (BENCHMARKS.md); trainer and ClientApp each import torch
-    "serverapp": "2g",
+    "supernode": "3g",
+    "serverapp": "3g",
     "superlink": "1g",
     "edge": "256m",
     "certs": "256m",
     "register": "512m",
     "run": "512m",
     "model-cache": "1g",
-    "evaluate-per-gpu": 2,
+    "evaluate-per-gpu": 3,
     "report": "1g",
 }
 
