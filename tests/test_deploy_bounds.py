@@ -122,3 +122,22 @@ def test_memory_limits_follow_the_role_and_profile():
     assert _mebibytes(seed["supernode-1"]["mem_limit"], {"FEDTUNE_MEM_SUPERNODE": "16g"}) == 16 * 1024
     edge = compose_spec(StackSpec(role="superlink"))["services"]["edge"]
     assert _mebibytes(edge["mem_limit"]) <= 512
+
+
+class _Container:
+    def __init__(self, service: str, state: dict, restarts: int = 0, memory: int = 0, role: str | None = None) -> None:
+        self.name = service
+        self.labels = {"com.docker.compose.service": service, **({"fedtune.role": role} if role else {})}
+        self.attrs = {"State": {"Status": "exited", "ExitCode": 0, **state}, "RestartCount": restarts,
+                      "HostConfig": {"Memory": memory}}
+
+
+def test_the_smoke_run_fails_a_container_killed_at_its_memory_limit():
+    from app.deploy.smoke import Stack
+
+    stack = Stack.__new__(Stack)  # no Docker client: containers() is the stand-in below
+    stack.containers = lambda service=None: [
+        _Container("supernode-3", {"Status": "running", "OOMKilled": True}, restarts=1, memory=3 * 2**30, role="supernode"),
+        _Container("certs", {}),
+    ]
+    assert stack.failed_services() == [("supernode-3", "killed at its memory limit (3072 MiB; FEDTUNE_MEM_<SERVICE> raises it)")]
