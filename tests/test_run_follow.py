@@ -229,3 +229,18 @@ def test_a_running_run_is_not_cut_off_by_the_pending_timeout(tmp_path, capsys, f
     assert _run(["--superlink", "127.0.0.1:9093", "--insecure", "--nodes", "1", "--profile", "tiny",
                  "--pending-timeout", "0.3"], tmp_path) == 0
     assert "run 7: finished:completed" in capsys.readouterr().out
+
+
+def test_a_listener_too_busy_for_a_handshake_is_not_called_a_tls_problem(tmp_path):
+    _, ca = _server_tls(tmp_path)
+    with closing(socket.create_server(("127.0.0.1", 0))) as silent:  # accepts (backlog), never answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        assert launcher.probe_superlink(address, str(ca), timeout=0.5) is None
+        assert launcher.probe_superlink(address, None, timeout=0.5) is None
+
+
+def test_bad_nodes_and_address_are_one_line_errors(tmp_path, capsys):
+    assert _run(["--superlink", "127.0.0.1:9093", "--insecure", "--nodes", "0"], tmp_path) == 2
+    assert "--nodes 0: expected at least 1" in capsys.readouterr().err
+    assert _run(["--superlink", "superlink", "--insecure"], tmp_path) == 2
+    assert "--superlink 'superlink': expected host:port" in capsys.readouterr().err

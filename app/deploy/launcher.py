@@ -173,6 +173,8 @@ def probe_superlink(address: str, root_certificates: str | None, timeout: float 
         try:
             with context.wrap_socket(sock, server_hostname=host):
                 pass
+        except TimeoutError:
+            return None  # it listens but is too busy to answer in time: not a TLS problem
         except ssl.SSLCertVerificationError as exc:
             return "tls", (f"the SuperLink's certificate at {address} does not verify against --root-certificates "
                            f"{root_certificates} ({exc.verify_message}): use the CA that issued it (ca.crt of its certificates)")
@@ -613,6 +615,8 @@ def run_submit(args) -> int:
     try:
         run_config = build_run_config(args.profile, args.rounds, None, Path(args.results), args.run_config, args.resume_from)
         settings = load_settings(run_config)
+        if args.nodes is not None and args.nodes < 1:
+            raise LaunchError(f"--nodes {args.nodes}: expected at least 1")
         # the nodes and the run agree on the partitions: --nodes sets them unless the run config
         # does, and by default the run's partitions say how many nodes to wait for
         if args.nodes is not None and "dataset.num-partitions" not in run_config:
@@ -623,9 +627,6 @@ def run_submit(args) -> int:
         _split_address(args.superlink)
     except (ConfigError, LaunchError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
-        return 2
-    if nodes < 1:
-        print(f"fedtune: --nodes {nodes}: expected at least 1", file=sys.stderr)
         return 2
     if (refused := check_resume(run_config, Path(args.results))) is not None:
         print(f"fedtune: {refused}", file=sys.stderr)
