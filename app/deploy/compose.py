@@ -118,6 +118,73 @@ def eval_data_dir(cache: str = f"{CACHE}/fedtune") -> str:
     return f"{cache}/eval"
 
 
+# ---------------------------------------------------------------------------- memory limits
+
+# Every service has a memory limit (issue 24): a hostile site's replies or a runaway process stop
+# at its own container instead of taking the host. Sized per role from what each holds, with
+# headroom; swap is not allowed past the limit (memswap_limit = mem_limit). An operator raises one
+# in .env (FEDTUNE_MEM_<ROLE>, e.g. FEDTUNE_MEM_SUPERNODE=16g) without regenerating the file.
+MEMORY_SEED = {
+    # a 4-bit 8B base is ~5.5 GiB of host RAM while it loads (safetensors read, then quantized
+    # on the GPU); the ClientApp process and its copies of the adapter (~50 MiB each) come on top
+    "supernode": "12g",
+    # 20 replies of up to one float32 adapter each (~55 MiB for the seed's LoRA), their decoded
+    # copies, the global adapter, checkpoints and the report's charts, with torch imported
+    "serverapp": "8g",
+    # Flower keeps every pushed object (20 replies and 20 copies of the global adapter per round)
+    # in memory until the ServerApp pulls it
+    "superlink": "4g",
+    "edge": "256m",  # nginx, request buffering off: at most one ~6 MiB body per connection
+    "certs": "256m",
+    "register": "512m",  # one flwr Control API client
+    "run": "1g",  # `fedtune run` and its `flwr` CLI calls
+    # hub downloads stream to disk; `datasets` exports the train split (tens of MB) in memory
+    "model-cache": "4g",
+    # one `fedtune eval` process per GPU, each loading the 8B base (bf16, ~16 GiB while it loads)
+    "evaluate-per-gpu": 20,  # GiB, times the stack's GPUs
+    "report": "1g",  # matplotlib charts of one run
+}
+# The tiny profile (the smoke stack, CPU): a 64-wide model; importing torch, transformers and peft
+# is most of each process. Peaks measured on a 2-round tiny `fedtune local up` (RSS of each
+# process tree, 2026-12-06): SuperNode 1.66 GiB (trainer 1.1 of it), ServerApp's SuperExec
+# 1.28 GiB, SuperLink 166 MiB, `fedtune eval-run` 1.18 GiB, `fedtune stack cache` 37 MiB.
+MEMORY_TINY = {
+    "supernode": "3g",
+    "serverapp": "3g",
+    "superlink": "1g",
+    "edge": "256m",
+    "certs": "256m",
+    "register": "512m",
+    "run": "512m",
+    "model-cache": "1g",
+    "evaluate-per-gpu": 3,
+    "report": "1g",
+}
+
+
+def _memory_table(spec: StackSpec) -> dict[str, Any]:
+    from app.config import load_settings, parse_overrides
+
+    settings = load_settings({"profile": spec.profile, **parse_overrides(spec.run_config)})
+    return MEMORY_TINY if settings.model.name == "tiny" else MEMORY_SEED
+
+
+def memory_limit(spec: StackSpec, role: str) -> str:
+    """The mem_limit of one service role: FEDTUNE_MEM_<ROLE> from .env, else the profile's size."""
+    table = _memory_table(spec)
+    if role == "evaluate":
+        size = f"{table['evaluate-per-gpu'] * (1 if spec.no_gpu else spec.gpus)}g"
+    else:
+        size = table[role]
+    return f"${{FEDTUNE_MEM_{role.upper().replace('-', '_')}:-{size}}}"
+
+
+def _with_memory_limits(spec: StackSpec, services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        role = "supernode" if name.startswith("supernode") else name
+        service["mem_limit"] = service["memswap_limit"] = memory_limit(spec, role)
+
+
 def _run_config(spec: StackSpec) -> str:
     """The `run` service's --run-config: the user's overrides plus what the stack itself implies."""
     from app.config import load_settings, parse_overrides
@@ -326,12 +393,17 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
 
 
 def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
+    from app.deploy.launcher import PENDING_TIMEOUT, PENDING_TIMEOUT_ENV
+
     command = [
         "fedtune", "run", "--superlink", SUPERLINK, "--nodes", str(spec.nodes), "--profile", spec.profile,
         "--root-certificates", str(paths.ca_cert), "--results", RESULTS,
         # after the ServerApp died: `FEDTUNE_RESUME_FROM=latest docker compose up ...` continues
         # from the last checkpoint (README, "Reliability")
         "--resume-from", "${FEDTUNE_RESUME_FROM:-}",
+        # a run no ServerApp begins (e.g. its SuperExec refused, restarting forever) fails the
+        # service after this many seconds instead of holding the stack up
+        "--pending-timeout", f"${{{PENDING_TIMEOUT_ENV}:-{PENDING_TIMEOUT:.0f}}}",
     ]
     if spec.rounds is not None:
         command += ["--rounds", str(spec.rounds)]
@@ -441,6 +513,7 @@ def compose_spec(spec: StackSpec) -> dict[str, Any]:
                 # ends when it does, not when a one-shot service completes or a SuperNode restarts
                 # (attached containers' exits abort the whole stack). Their logs: `docker compose logs SERVICE`.
                 service["attach"] = False
+    _with_memory_limits(spec, services)
     return {"name": spec.name, "services": services, "volumes": volumes}
 
 
@@ -468,7 +541,7 @@ def _dumper():
 
 ENV_HELP = {
     "all": "FEDTUNE_BASE_IMAGE, FEDTUNE_PIP_OFFLINE, FEDTUNE_UID/GID,\n# FEDTUNE_RESULTS, "
-           "FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN.",
+           "FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN, FEDTUNE_PENDING_TIMEOUT, FEDTUNE_MEM_<SERVICE>.",
     "superlink": "FEDTUNE_CERTS_DIR, FEDTUNE_RESULTS,\n# FEDTUNE_EDGE_PUBLISH, FEDTUNE_CONTROL_PUBLISH, "
                  "FEDTUNE_EDGE_BASE_IMAGE, FEDTUNE_EDGE_IMAGE, image settings as in compose.yaml.",
     "site": "FEDTUNE_SUPERLINK_ADDRESS, FEDTUNE_PARTITION_ID,\n# FEDTUNE_NUM_PARTITIONS, FEDTUNE_GPU, "

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -44,10 +45,26 @@ MAX_QUICK_FAILURES = 30
 # Seconds `fedtune` waits for a SuperLink that does not answer (restarting, or too busy on a small
 # host) before it gives up following the run; the run itself goes on on the SuperLink meanwhile.
 SUPERLINK_PATIENCE = 600.0
+# Seconds a SuperLink that nobody listens for (connection refused, unknown host) may take to
+# appear before `fedtune run` says so: a wrong address fails in seconds, not after --connect-timeout.
+UNREACHABLE_SECONDS = 15.0
+# Seconds a submitted run may stay `pending`/`starting` (no ServerApp has begun it, e.g. a SuperExec
+# refused for a wrong secret and restarting forever) before `fedtune run` gives up and stops it.
+PENDING_TIMEOUT = 600.0
+PENDING_TIMEOUT_ENV = "FEDTUNE_PENDING_TIMEOUT"
+NOT_STARTED = ("pending", "starting")
 
 
 class LaunchError(RuntimeError):
     """A component failed; the message says which and where its log is."""
+
+
+class FlwrError(LaunchError):
+    """The `flwr` CLI answered with an error: `flwr_message` is its own text."""
+
+    def __init__(self, command: str, flwr_message: str) -> None:
+        self.flwr_message = flwr_message
+        super().__init__(f"`flwr {command}`: {flwr_message}")
 
 
 def free_port() -> int:
@@ -92,20 +109,82 @@ def flwr_json(args: list[str], env: dict[str, str], timeout: float = 60) -> Any:
     except subprocess.TimeoutExpired:
         raise LaunchError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f} s") from None
     try:
-        return json.loads(done.stdout)
+        reply = json.loads(done.stdout)
     except json.JSONDecodeError:
         raise LaunchError(f"`flwr {' '.join(args)}` failed ({done.returncode}): {done.stdout[-2000:]}{done.stderr[-2000:]}") from None
+    if isinstance(reply, dict) and reply.get("success") is False:
+        # flwr prefixes its error with what it was doing ("Using SuperLink: ...\n Listing all
+        # nodes...\n\n"); the last paragraph is the error itself
+        text = str(reply.get("error-message", reply)).strip()
+        raise FlwrError(" ".join(args), " ".join(text.rsplit("\n\n", 1)[-1].split()))
+    return reply
+
+
+def node_statuses(env: dict[str, str]) -> dict[str, int]:
+    """How many SuperNodes the SuperLink knows per status (online, registered, offline ...)."""
+    reply = flwr_json(["supernode", "list", FEDERATION], env)
+    counts: dict[str, int] = {}
+    for node in reply.get("nodes", []):
+        status = str(node.get("status", "unknown"))
+        counts[status] = counts.get(status, 0) + 1
+    return counts
 
 
 def online_nodes(env: dict[str, str]) -> int:
-    reply = flwr_json(["supernode", "list", FEDERATION], env)
-    return sum(1 for node in reply.get("nodes", []) if node.get("status") == "online")
+    return node_statuses(env).get("online", 0)
+
+
+def run_row(run_id: str, env: dict[str, str]) -> dict[str, Any]:
+    """The run's row of `flwr ls --run-id` (status, status-details, pending-at ...)."""
+    runs = flwr_json(["ls", FEDERATION, "--run-id", run_id], env).get("runs", [])
+    return runs[0] if runs else {"status": "unknown"}
 
 
 def run_status(run_id: str, env: dict[str, str]) -> str:
-    reply = flwr_json(["ls", FEDERATION, "--run-id", run_id], env)
-    runs = reply.get("runs", [])
-    return runs[0]["status"] if runs else "unknown"
+    return str(run_row(run_id, env).get("status", "unknown"))
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise LaunchError(f"--superlink {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def probe_superlink(address: str, root_certificates: str | None, timeout: float = 5.0) -> tuple[str, str] | None:
+    """Why a SuperLink that flwr calls "unavailable" is so, as (kind, reason): `unreachable`
+    (nothing listens there, unknown host) or `tls` (its certificate is not from
+    `root_certificates`, it does not speak TLS, or it does and --insecure was given); None when a
+    TLS session can be set up as configured (the cause is elsewhere: flwr's message says it)."""
+    host, port = _split_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        return "unreachable", f"cannot connect to {address}: {exc.strerror or exc}"
+    with sock:
+        if root_certificates:
+            try:
+                context = ssl.create_default_context(cafile=root_certificates)
+            except (OSError, ssl.SSLError) as exc:
+                return "tls", f"cannot read --root-certificates {root_certificates}: {exc}"
+        else:  # --insecure: does the SuperLink speak TLS all the same?
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        try:
+            with context.wrap_socket(sock, server_hostname=host):
+                pass
+        except TimeoutError:
+            return None  # it listens but is too busy to answer in time: not a TLS problem
+        except ssl.SSLCertVerificationError as exc:
+            return "tls", (f"the SuperLink's certificate at {address} does not verify against --root-certificates "
+                           f"{root_certificates} ({exc.verify_message}): use the CA that issued it (ca.crt of its certificates)")
+        except (ssl.SSLError, OSError) as exc:
+            if root_certificates:
+                return "tls", f"no TLS session with {address} ({exc}): is the SuperLink running with --insecure?"
+            return None  # a plaintext SuperLink, as --insecure expects
+        if not root_certificates:
+            return "tls", f"the SuperLink at {address} serves TLS: give --root-certificates (its CA) instead of --insecure"
+    return None
 
 
 @dataclass
@@ -245,11 +324,15 @@ def start_superlink(federation: Federation, command: Callable[[int], list[str]],
     raise LaunchError(f"superlink: {attempts} free ports were taken before it could bind them")
 
 
-def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=None) -> str:
-    """Print one line per finished round until the run ends; return its final status."""
+def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Federation | None, essential: tuple[str, ...], out=None,
+               pending_timeout: float = PENDING_TIMEOUT) -> str:
+    """Print one line per finished round until the run ends; return its final status. A run that
+    no ServerApp has begun (`pending`/`starting`) after `pending_timeout` seconds is stopped and
+    reported with what `flwr ls` says of it."""
     out = out or sys.stdout  # looked up per call: a default bound at import outlives a replaced stdout
     metrics = run_dir / "metrics.jsonl"
     offset, lines_read, skipped, answered = 0, 0, 0, time.monotonic()
+    submitted = answered
     while True:
         if federation:
             federation.check(essential)
@@ -263,6 +346,8 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
             print(f"warning: no answer from the SuperLink for {silent:.0f} s (giving up after {SUPERLINK_PATIENCE:.0f} s): {exc}",
                   file=out, flush=True)
             status = "unknown"
+        if status in NOT_STARTED and answered - submitted > pending_timeout:
+            raise LaunchError(_not_started(run_id, answered - submitted, env))
         if metrics.exists():
             chunk = read_jsonl_from(metrics, offset, lines_read + 1)
             offset, lines_read = chunk.end, lines_read + chunk.lines
@@ -276,6 +361,23 @@ def follow_run(run_id: str, env: dict[str, str], run_dir: Path, federation: Fede
                 print(f"warning: skipped {metrics}'s unfinished last line (line {lines_read + 1})", file=out, flush=True)
             return status
         time.sleep(POLL_SECONDS)
+
+
+def _not_started(run_id: str, waited: float, env: dict[str, str]) -> str:
+    """Why a run never began, and the attempt to stop it (so it does not start unattended later)."""
+    try:
+        row = run_row(run_id, env)
+    except LaunchError as exc:
+        row = {"status": f"unknown ({exc})"}
+    try:
+        flwr_json(["stop", run_id, FEDERATION], env)
+        stopped = "stopped it"
+    except LaunchError as exc:
+        stopped = f"could not stop it ({exc})"
+    seen = {k: row[k] for k in ("status", "status-details", "pending-at", "starting-at") if row.get(k)}
+    return (f"run {run_id} was not begun by any ServerApp within {waited:.0f} s (--pending-timeout, {PENDING_TIMEOUT_ENV}); "
+            f"`flwr ls` says: {json.dumps(seen)}; {stopped}. Is the ServerApp's SuperExec running and accepted by the "
+            "SuperLink (its secret)? `docker compose logs serverapp superlink`")
 
 
 def _round_line(r: dict[str, Any], metrics: Path) -> str:
@@ -296,14 +398,29 @@ def submit(env: dict[str, str], run_config: dict[str, Any], app_dir: Path = APP_
     return str(reply["run-id"])
 
 
-def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | None, essential: tuple[str, ...], timeout: float, out=None) -> None:
+def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | None, essential: tuple[str, ...], timeout: float,
+                   out=None, *, address: str | None = None, root_certificates: str | None = None,
+                   unreachable_seconds: float | None = None) -> None:
+    """Wait until `expected` SuperNodes are online. With `address`, a SuperLink that cannot be
+    reached at all fails within `unreachable_seconds` and a TLS mismatch at once, each with
+    flwr's own message; otherwise the error names the SuperNodes and what the SuperLink knows."""
     out = out or sys.stdout
-    deadline, last, count, error = time.monotonic() + timeout, -1, 0, None
+    unreachable_seconds = UNREACHABLE_SECONDS if unreachable_seconds is None else unreachable_seconds
+    started = time.monotonic()
+    deadline, last, count, error, reached = started + timeout, -1, 0, None, False
     while True:
         try:  # a SuperLink still starting, or a host too busy to answer in time: ask again
-            count, error = online_nodes(env), None
+            count, error, reached = online_nodes(env), None, True
         except LaunchError as exc:
             error = exc
+            if address is not None and isinstance(exc, FlwrError):
+                if (problem := probe_superlink(address, root_certificates)) is not None:
+                    kind, reason = problem
+                    if kind == "tls":
+                        raise LaunchError(f"TLS with the SuperLink failed: {reason}. flwr: {exc.flwr_message}") from None
+                    if not reached and time.monotonic() - started > unreachable_seconds:
+                        raise LaunchError(f"the SuperLink is unreachable: {reason} (for {time.monotonic() - started:.0f} s); "
+                                          f"check --superlink and that the SuperLink is up. flwr: {exc.flwr_message}") from None
         if count >= expected:
             break
         if federation:
@@ -312,10 +429,24 @@ def wait_for_nodes(expected: int, env: dict[str, str], federation: Federation | 
             print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
             last = count
         if time.monotonic() > deadline:
-            raise LaunchError(f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s"
+            raise LaunchError(f"only {count} of {expected} SuperNodes connected within {timeout:.0f} s; "
+                              + (_known_nodes(env) if reached else "the SuperLink never answered")
                               + (f"; last error: {error}" if error else ""))
         time.sleep(POLL_SECONDS)
     print(f"SuperNodes online: {count}/{expected}", file=out, flush=True)
+
+
+def _known_nodes(env: dict[str, str]) -> str:
+    """What the SuperLink knows of the nodes that are not online, for a too-few-nodes error."""
+    try:
+        statuses = node_statuses(env)
+    except (LaunchError, OSError) as exc:
+        return f"the SuperLink answered before ({exc} now)"
+    known = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()) if status != "online")
+    if not known:
+        return "the SuperLink answers and knows no other SuperNode (are their keys registered?); see the SuperNodes' logs"
+    return (f"the SuperLink answers and also knows {known} (registered: its key is known but it never connected; "
+            "offline: it stopped sending heartbeats); see those SuperNodes' logs")
 
 
 def build_run_config(profile: str, rounds: int | None, data: str | None, results: Path, extra: str, resume_from: str = "") -> dict[str, Any]:
@@ -483,8 +614,18 @@ def run_submit(args) -> int:
     """`fedtune run`: wait for the federation, submit, follow (for the compose `run` service)."""
     try:
         run_config = build_run_config(args.profile, args.rounds, None, Path(args.results), args.run_config, args.resume_from)
-        load_settings(run_config)
-    except ConfigError as exc:
+        settings = load_settings(run_config)
+        if args.nodes is not None and args.nodes < 1:
+            raise LaunchError(f"--nodes {args.nodes}: expected at least 1")
+        # the nodes and the run agree on the partitions: --nodes sets them unless the run config
+        # does, and by default the run's partitions say how many nodes to wait for
+        if args.nodes is not None and "dataset.num-partitions" not in run_config:
+            run_config["dataset.num-partitions"] = args.nodes
+            settings = load_settings(run_config)
+        nodes = settings.dataset.num_partitions if args.nodes is None else args.nodes
+        pending_timeout = _pending_timeout(args.pending_timeout)
+        _split_address(args.superlink)
+    except (ConfigError, LaunchError) as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 2
     if (refused := check_resume(run_config, Path(args.results))) is not None:
@@ -497,15 +638,28 @@ def run_submit(args) -> int:
     env = flower_env(work / "flwr-home")
     write_cli_config(work / "flwr-home", args.superlink, args.root_certificates)
     try:
-        wait_for_nodes(args.nodes, env, None, (), args.connect_timeout)
+        wait_for_nodes(nodes, env, None, (), args.connect_timeout, address=args.superlink, root_certificates=args.root_certificates)
         run_id = submit(env, run_config)
         print(f"run {run_id} submitted", flush=True)
-        status = follow_run(run_id, env, Path(args.results).resolve() / f"run-{run_id}", None, ())
+        status = follow_run(run_id, env, Path(args.results).resolve() / f"run-{run_id}", None, (), pending_timeout=pending_timeout)
     except LaunchError as exc:
         print(f"fedtune: {exc}", file=sys.stderr)
         return 1
     print(f"run {run_id}: {status}", flush=True)
     return 0 if status == "finished:completed" else 1
+
+
+def _pending_timeout(flag: float | None) -> float:
+    """--pending-timeout, else FEDTUNE_PENDING_TIMEOUT, else PENDING_TIMEOUT seconds."""
+    if flag is None:
+        text = os.environ.get(PENDING_TIMEOUT_ENV, "").strip()
+        try:
+            flag = float(text) if text else PENDING_TIMEOUT
+        except ValueError:
+            raise LaunchError(f"{PENDING_TIMEOUT_ENV}={text!r}: expected seconds, e.g. {PENDING_TIMEOUT:.0f}") from None
+    if not flag > 0:
+        raise LaunchError(f"--pending-timeout / {PENDING_TIMEOUT_ENV} {flag}: expected seconds above 0")
+    return flag
 
 
 def _common(parser) -> None:
@@ -535,7 +689,11 @@ def register(subparsers) -> None:
     run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")
     _common(run)
     run.add_argument("--superlink", required=True, help="SuperLink Control API address, host:port")
-    run.add_argument("--nodes", type=int, default=20, help="wait for this many SuperNodes before submitting")
+    run.add_argument("--nodes", type=int, help="wait for this many SuperNodes before submitting; sets dataset.num-partitions "
+                     "unless --run-config does (default: the run's dataset.num-partitions)")
     run.add_argument("--root-certificates", help="CA certificate of the SuperLink (omit only with --insecure)")
     run.add_argument("--insecure", action="store_true")
+    run.add_argument("--pending-timeout", type=float, metavar="SECONDS",
+                     help=f"stop and fail a run that no ServerApp has begun after this long (default: {PENDING_TIMEOUT_ENV}, "
+                          f"else {PENDING_TIMEOUT:.0f})")
     run.set_defaults(func=run_submit)

@@ -102,7 +102,10 @@ class Stack:
         for c in self.containers():
             service = c.labels.get("com.docker.compose.service", c.name)
             state, restarts = c.attrs["State"], c.attrs.get("RestartCount", 0)
-            if c.labels.get("fedtune.role") == "supernode":
+            if state.get("OOMKilled"):  # whatever its role: its mem_limit is too small for an honest run
+                limit = c.attrs.get("HostConfig", {}).get("Memory", 0)
+                bad.append((service, f"killed at its memory limit ({limit / 2**20:.0f} MiB; FEDTUNE_MEM_<SERVICE> raises it)"))
+            elif c.labels.get("fedtune.role") == "supernode":
                 if restarts > SUPERNODE_RESTARTS:
                     bad.append((service, f"restarted {restarts} times"))
             elif state["Status"] == "exited" and state["ExitCode"] != 0:

@@ -4,6 +4,8 @@
     fedtune stack compose --role superlink > compose.superlink.yaml   # the coordinating site
     fedtune stack compose --role site > compose.site.yaml             # one hospital's SuperNode
     fedtune stack smoke                                               # CPU smoke run of the whole stack
+    fedtune stack check [-f compose.yaml]                             # what this host lacks to run it
+    fedtune stack up [-f compose.yaml]                                # check, up; on failure logs, then down
 
 The services (docs/docker.md):
 
@@ -265,6 +267,32 @@ def cmd_compose(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from app.deploy.preflight import check_stack, report
+
+    compose_file = Path(args.file)
+    if not compose_file.is_file():
+        print(f"fedtune: {compose_file}: no such compose file (generate one with `fedtune stack compose`)", file=sys.stderr)
+        return 2
+    text, code = report(check_stack(compose_file), compose_file)
+    print(text, flush=True)
+    return code
+
+
+def cmd_up(args) -> int:
+    from app.deploy.stack_up import stack_up
+
+    compose_file = Path(args.file)
+    if not compose_file.is_file():
+        print(f"fedtune: {compose_file}: no such compose file (generate one with `fedtune stack compose`)", file=sys.stderr)
+        return 2
+    try:
+        return stack_up(compose_file, preflight=not args.no_check)
+    except ValueError as exc:
+        print(f"fedtune: {compose_file}: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_smoke(args) -> int:
     from app.deploy.smoke import smoke
 
@@ -308,6 +336,17 @@ def register(subparsers) -> None:
     comp.add_argument("--eval-exact", action="store_true", help="the evaluate service uses the reference loop (slow)")
     comp.add_argument("--eval-limit", type=int, help="the evaluate service: first N questions of each benchmark")
     comp.set_defaults(func=cmd_compose)
+
+    ck = sub.add_parser("check", help="say what this host lacks to run a compose file (Docker, GPU runtime, model "
+                                      "download, the results directory's owner) and what to do")
+    ck.add_argument("-f", "--file", default="compose.yaml", help="the compose file (default compose.yaml)")
+    ck.set_defaults(func=cmd_check)
+
+    up = sub.add_parser("up", help="check the host, then `docker compose up --exit-code-from` the file's last service; "
+                                   "when that fails, print the failed services' logs and `docker compose down`")
+    up.add_argument("-f", "--file", default="compose.yaml", help="the compose file (default compose.yaml)")
+    up.add_argument("--no-check", action="store_true", help="skip `fedtune stack check`")
+    up.set_defaults(func=cmd_up)
 
     sm = sub.add_parser("smoke", help="CPU smoke run: the stack with the tiny profile, N SuperNodes, R rounds; then down")
     sm.add_argument("--nodes", type=int, default=DEFAULT_NODES)
