@@ -7,14 +7,15 @@ drawn on the chart's edge as a red triangle pointing where it lies, named in its
 the notes under the chart; the value itself stays in metrics.jsonl and the report's tables.
 
 SVG for the report: no script, no external reference (the page's Content-Security-Policy forbids
-every request); the figure's own ids are salted with the chart's name so that several charts on
-one page never share one; each data series carries class="mark" and a <title> tooltip.
+every request); the figure's ids are prefixed with the chart's name so that several charts on one
+page never share one; each data series carries class="mark" and a <title> tooltip.
 """
 
 from __future__ import annotations
 
 import html
 import io
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
@@ -82,7 +83,7 @@ class Chart:
         self.off_scale: list[str] = []
 
     def mark(self, artist: Any, title: str) -> None:
-        gid = f"{self.name}-mark-{len(self.titles)}"
+        gid = f"mark-{len(self.titles)}"
         artist.set_gid(gid)
         self.titles[gid] = title
 
@@ -122,14 +123,18 @@ class Chart:
         import matplotlib
 
         buffer = io.StringIO()
-        with matplotlib.rc_context({**RC, "svg.hashsalt": self.name}):
+        with matplotlib.rc_context({**RC, "svg.hashsalt": "fedtune"}):  # the same figure, the same ids
             self.figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
         text = buffer.getvalue()
         text = text[text.index("<svg"):]  # no XML declaration or DOCTYPE inside HTML
         text = text.replace("<svg ", f'<svg class="chart" data-chart="{html.escape(self.name)}" role="img" ', 1)
         for gid, title in self.titles.items():
             text = text.replace(f'<g id="{gid}">', f'<g id="{gid}" class="mark"><title>{html.escape(title)}</title>', 1)
-        return text
+        # Every id (matplotlib's figure_1, axes_1, markers, clip paths) and every reference to one
+        # prefixed with the chart's name: ids are unique on a page of many charts.
+        prefix = f"{self.name}-"
+        text = re.sub(r'\bid="([^"]*)"', lambda m: f'id="{prefix}{m.group(1)}"', text)
+        return re.sub(r'(href="#|url\(#)', lambda m: m.group(1) + prefix, text)
 
     def png(self, path: Path) -> None:
         import matplotlib
