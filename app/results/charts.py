@@ -99,6 +99,8 @@ class Chart:
                                 facecolors="none" if hollow else colour, edgecolors=colour, linewidths=1.4)
         if inside:
             self.mark(artist, f"{label}: " + ", ".join(f"{what} {_g(y)}" for x, y, what in points if low <= y <= high)[:400])
+        elif points:  # all of it off scale: still in the legend
+            ax.scatter([], [], s=22, marker=marker, label=label, facecolors="none" if hollow else colour, edgecolors=colour)
         for x, y, what in points:
             if not low <= y <= high:
                 self.off_scale.append(f"{label}, {what}: {y:.6g}")
@@ -224,7 +226,7 @@ def draw_norms(chart: Chart, ax: Any, rounds: list[Round]) -> bool:
     if clipped:
         chart.points(ax, clipped, window, OFF_SCALE_COLOUR, "clipped to the bound", hollow=True)
     if bounds:
-        chart.points(ax, bounds, window, BOUND_COLOUR, "norm bound", line=True, marker="_")
+        chart.points(ax, bounds, window, BOUND_COLOUR, "norm bound", line=True, marker="D")
     ax.set_ylim(*window)
     _rounds_axis(ax)
     ax.set(ylabel="update L2 norm (before clipping)", title="Update norms and the bound")
