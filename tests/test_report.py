@@ -300,3 +300,11 @@ def test_cli_writes_both_files_atomically_and_finds_the_latest_run(tmp_path, cap
     assert "| this run" in (run_dir / "report.md").read_text()
     assert not list(run_dir.glob("*.tmp"))
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_a_long_run_gets_the_timelines_of_its_first_and_last_rounds(tmp_path):
+    from app.results.report import TIMELINE_ROUNDS, _timeline_rounds
+
+    shown, omitted = _timeline_rounds(load_run(make_run(tmp_path, rounds=TIMELINE_ROUNDS + 6)).rounds)
+    half = TIMELINE_ROUNDS // 2
+    assert [r.number for r in shown] == [*range(1, half + 1), *range(half + 7, TIMELINE_ROUNDS + 7)] and omitted == 6

@@ -116,7 +116,7 @@ class Chart:
                 from matplotlib.lines import Line2D
 
                 handles.append(Line2D([], [], marker="^", linestyle="none", color=OFF_SCALE_COLOUR))
-                labels.append("off scale (value in tooltip)")
+                labels.append("off scale, drawn on the edge")
             if handles:
                 kwargs = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0} if legend_outside else {}
                 ax.legend(handles, labels, **kwargs)

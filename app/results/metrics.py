@@ -106,7 +106,7 @@ def plot_run(rounds: list[dict[str, Any]], path: Path) -> None:
     loss_ax, comm_ax = chart.axes
     draw_loss(chart, loss_ax, parsed)
     draw_communication(chart, comm_ax, parsed)
-    chart.finish()
+    chart.finish(legend_outside=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".png") as tmp:
         chart.png(Path(tmp.name))
     share_like_new_files(Path(tmp.name))

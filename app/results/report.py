@@ -34,7 +34,7 @@ from typing import Any
 from app.evaluation.extract import VALID
 from app.results import charts
 from app.results.metrics import read_jsonl
-from app.results.records import Client, Round, integer, number, parse_rounds, site_names, text
+from app.results.records import NODE_EVENTS, Client, Round, integer, number, parse_rounds, site_names, text
 
 BENCHMARKS = ("pubmedqa", "medmcqa", "medqa", "careqa")
 # Reported figures to compare with (issues 14 and 24): the seed recipe's, the FlowerTune medical
@@ -54,7 +54,15 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'"
 # the estimate is within half a tick of the truth (app/client_app.py's _process_start_time).
 NODE_START_RESOLUTION = 0.005
 TIMELINE_ROUNDS = 24  # more rounds than this: the first and last half of them get a timeline
-NODE_EVENTS = ("t_process_start", "t_handler_start", "t_train_start", "t_train_end", "t_reply")
+# Durations measured on one clock each (no alignment needed): (name, from event, to event).
+DURATIONS = (
+    ("server: sent to received", "t_sent", "t_received"),
+    ("node: process start to reply", "t_process_start", "t_reply"),
+    ("node: ClientApp init", "t_process_start", "t_handler_start"),
+    ("node: prepare", "t_handler_start", "t_train_start"),
+    ("node: training", "t_train_start", "t_train_end"),
+    ("node: build reply", "t_train_end", "t_reply"),
+)
 
 
 @dataclass
@@ -223,23 +231,10 @@ def round_timeline(record: Round, offsets: dict[int, ClockOffset]) -> tuple[floa
 
 
 def phase_durations(client: Client) -> dict[str, float | None]:
-    """Durations measured on one clock each (no alignment needed)."""
-
-    def span(a: str, b: str) -> float | None:
-        first, last = client.events.get(a), client.events.get(b)
+    def span(first: float | None, last: float | None) -> float | None:
         return last - first if first is not None and last is not None else None
 
-    return {
-        "server: sent to received": span("t_sent", "t_received"),
-        "node: process start to reply": span("t_process_start", "t_reply"),
-        "node: ClientApp init": span("t_process_start", "t_handler_start"),
-        "node: prepare": span("t_handler_start", "t_train_start"),
-        "node: training": span("t_train_start", "t_train_end"),
-        "node: build reply": span("t_train_end", "t_reply"),
-    }
-
-
-DURATION_NAMES = tuple(phase_durations(Client(None, None, None, None, {}, {}, None, None)))
+    return {name: span(client.events.get(a), client.events.get(b)) for name, a, b in DURATIONS}
 
 
 def gpu_by_site(rounds: list[Round]) -> dict[str, dict[str, float | None]]:
@@ -397,7 +392,7 @@ def render_markdown(data: RunData) -> str:
         lines.append(_no_influence_note())
     offsets = clock_offsets(data.rounds)
     lines += ["", "## Where the time went", "", "Durations, each measured on one clock (seconds):", "",
-              "| round | site | " + " | ".join(DURATION_NAMES) + " |", "| --- " * (2 + len(DURATION_NAMES)) + "|"]
+              "| round | site | " + " | ".join(name for name, _, _ in DURATIONS) + " |", "| --- " * (2 + len(DURATIONS)) + "|"]
     for r in data.rounds:
         for c in r.clients:
             lines.append(f"| {_round(r.number)} | {c.site} | " + " | ".join(_fmt(v, 2) for v in phase_durations(c).values()) + " |")
