@@ -119,7 +119,10 @@ class Chart:
                 labels.append("off scale, drawn on the edge")
             if handles:
                 kwargs = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "borderaxespad": 0} if legend_outside else {}
-                ax.legend(handles, labels, **kwargs)
+                columns = 1 + (len(handles) - 1) // 12  # 20 sites fit the height
+                ax.legend(handles, labels, ncols=columns, **kwargs)
+                if legend_outside and columns > 1:  # and leave the axes their width
+                    self.figure.set_figwidth(self.figure.get_figwidth() + 1.8 * (columns - 1))
 
     def svg(self) -> str:
         import matplotlib
