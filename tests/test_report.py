@@ -308,3 +308,19 @@ def test_a_long_run_gets_the_timelines_of_its_first_and_last_rounds(tmp_path):
     shown, omitted = _timeline_rounds(load_run(make_run(tmp_path, rounds=TIMELINE_ROUNDS + 6)).rounds)
     half = TIMELINE_ROUNDS // 2
     assert [r.number for r in shown] == [*range(1, half + 1), *range(half + 7, TIMELINE_ROUNDS + 7)] and omitted == 6
+
+
+def test_a_nodes_failure_reason_cannot_put_an_image_or_html_into_report_md(tmp_path):
+    """A node chooses its error's reason; report.md, opened in a Markdown viewer, must not load
+    anything from it nor have its table split."""
+    run_dir = make_run(tmp_path)
+
+    def hostile_reason(record):
+        record["failed"] = [{"node_id": 1, "node": "supernode-1",
+                             "reason": "error 0: ![x](http://192.0.2.1/p.png) <img src=http://192.0.2.1/q.png> a|b [y](http://192.0.2.1/)"}]
+
+    rewrite_metrics(run_dir, hostile_reason)
+    text = render_markdown(load_run(run_dir))
+    row = next(line for line in text.splitlines() if "supernode-1" in line)
+    assert "!\\[x\\](http" in row
+    assert not re.search(r"(?<!\\)[\[<]", row) and row.count("|") - row.count("\\|") == 7  # 6 cells

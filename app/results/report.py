@@ -24,6 +24,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 import sys
 import tempfile
 from collections import Counter, defaultdict
@@ -294,7 +295,7 @@ def run_warnings(data: RunData) -> list[str]:
     warnings = []
     status = text(summary.get("status"), 40)
     if status and status not in ("completed", "finished"):
-        warnings.append(f"The run ended {status}.")
+        warnings.append(f"The run ended with status {status}.")
     if stopped := text(summary.get("stopped")):
         warnings.append(f"The run stopped before its last round: {stopped}")
     reasons = [r for r in map(text, summary.get("failure_reasons") if isinstance(summary.get("failure_reasons"), list) else []) if r]
@@ -351,8 +352,13 @@ def _round(number_: int | None) -> str:
     return "?" if number_ is None else str(number_)
 
 
+MARKDOWN_SPECIAL = re.compile(r"([\\\[\]<>|])")  # escapes, links and images, HTML, table cells
+
+
 def _md(cell: str) -> str:
-    return cell.replace("\\", "\\\\").replace("|", "\\|")
+    """Text that may come from a node (a failure reason) as literal Markdown: no table cell
+    split by "|", and no image, link or HTML that a Markdown viewer would load."""
+    return MARKDOWN_SPECIAL.sub(r"\\\1", cell)
 
 
 def _parsed_cells(counts: dict[str, tuple[int, int]]) -> list[str]:
@@ -363,7 +369,7 @@ def render_markdown(data: RunData) -> str:
     lines = [f"# FlowerTune medical: {data.run_dir.name}", ""]
     lines += [f"> **Warning:** {_md(w)}" for w in run_warnings(data)]
     lines += [""] if lines[-1] != "" else []
-    lines += [f"- {key}: {_md(value)}" for key, value in run_facts(data).items()] + [""]
+    lines += [f"- {key}: {value}" for key, value in run_facts(data).items()] + [""]
     lines += ["## Accuracy and communication", "",
               "| | " + " | ".join(BENCHMARKS) + " | average | communication (MiB) |",
               "| --- " * (len(BENCHMARKS) + 3) + "|"]
