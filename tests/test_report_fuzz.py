@@ -81,7 +81,7 @@ def mutate(run_dir, mutations) -> list[dict]:
     return lines
 
 
-@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=6))
 def test_no_metrics_line_breaks_the_report_or_the_plot(tmp_path_factory, mutations):
     run_dir = make_run(tmp_path_factory.mktemp("fuzz"))
