@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from report_fixture import make_run
 from test_report import assert_self_contained
@@ -83,6 +83,9 @@ def mutate(run_dir, mutations) -> list[dict]:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mutations=st.lists(MUTATION, min_size=1, max_size=6))
+@example(mutations=[("client", 2, "train_loss", 1.7e308)])  # issue 24: plot_run and the report raised
+@example(mutations=[("client", 1, "gpu_mem_peak_bytes", DELETE)])  # issue 24: KeyError in the report
+@example(mutations=[("round", 0, "round", 2)])  # two lines of one round: one timeline each, ids unique
 def test_no_metrics_line_breaks_the_report_or_the_plot(tmp_path_factory, mutations):
     run_dir = make_run(tmp_path_factory.mktemp("fuzz"))
     mutate(run_dir, mutations)

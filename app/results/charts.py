@@ -240,7 +240,7 @@ def norm_chart(rounds: list[Round]) -> tuple[str, list[str]] | None:
     return chart_svg("norms", draw_norms, rounds, legend_outside=True)
 
 
-def timeline_chart(number: int, rows: list[tuple[str, dict[str, float]]], aggregation: tuple[float, float] | None,
+def timeline_chart(name: str, number: int, rows: list[tuple[str, dict[str, float]]], aggregation: tuple[float, float] | None,
                    length: float) -> tuple[str, list[str]]:
     """One round on the ServerApp's clock: a bar per phase per site, then the aggregation. Node
     events are already shifted by their clock offset; one outside the round (an offset's error,
@@ -249,7 +249,7 @@ def timeline_chart(number: int, rows: list[tuple[str, dict[str, float]]], aggreg
     def at(value: float) -> float:
         return min(max(value, 0.0), length)
 
-    chart = Chart(f"timeline-{number}", 8.4, 0.9 + 0.3 * (len(rows) + 1))
+    chart = Chart(name, 8.4, 0.9 + 0.3 * (len(rows) + 1))
     ax = chart.axes[0]
     labels = [label for label, _ in rows] + (["ServerApp"] if aggregation else [])
     for i, (label, events) in enumerate(rows):

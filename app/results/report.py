@@ -520,10 +520,12 @@ def render_html(data: RunData) -> str:
     training = "".join(_with_notes(c) for c in (charts.loss_chart(data.rounds), charts.communication_chart(data.rounds)))
     shown, omitted = _timeline_rounds(data.rounds)
     timelines = []
-    for r in shown:
+    for i, r in enumerate(shown):
         length, rows_, aggregation = round_timeline(r, offsets)
+        # One chart per round; a round number written twice (a damaged file) still gets its own ids.
+        name = f"timeline-{r.number}" + (f"-{i}" if any(o.number == r.number for o in shown[:i]) else "")
         if rows_:
-            timelines.append(_with_notes(charts.timeline_chart(r.number, rows_, aggregation, length)))
+            timelines.append(_with_notes(charts.timeline_chart(name, r.number, rows_, aggregation, length)))
     legend = "".join(f'<span><i style="background:{c}"></i>{e(n)}</span>' for n, _, _, c in charts.PHASES)
     legend += f'<span><i style="background:{charts.AGGREGATION_COLOUR}"></i>aggregation (ServerApp)</span>'
     offset_table = _table(["site", "offset (node − server), s", "bound, s", "from round"], _offset_rows(data.rounds, offsets))
