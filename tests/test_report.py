@@ -260,7 +260,7 @@ def test_unparsed_answers_are_counted_and_most_unparsed_is_a_warning(tmp_path):
     text, page = render_markdown(data), render_html(data)
     assert "| answers not parsed (this run) | 7 of 10 | n/a | 1 of 4 | n/a | | |" in text
     assert "> **Warning:** Most answers could not be parsed (pubmedqa: 7 of 10)" in text
-    assert '<tr class="warning"><td colspan="7">Most answers to pubmedqa could not be parsed' in page
+    assert '7 of 10</td><td>n/a</td><td>1 of 4</td><td>n/a</td><td></td><td></td></tr><tr class="warning"><td colspan="7">Most answers to pubmedqa could not be parsed' in page
 
 
 def test_a_run_where_no_round_aggregated_says_the_adapter_is_untrained_and_why(tmp_path):

@@ -515,7 +515,9 @@ def render_html(data: RunData) -> str:
     if mostly := mostly_unparsed(counts):
         warning = (f"Most answers to {', '.join(mostly)} could not be parsed as an answer (a-e, yes, no): "
                    "their accuracy measures the answer format, not medical knowledge.")
-        results = results.replace("</tbody>", f'<tr class="warning"><td colspan="{len(BENCHMARKS) + 3}">{e(warning)}</td></tr></tbody>')
+        parsed_row_end = results.index("</tr>", results.index('<tr class="parsed">')) + len("</tr>")  # right under the counts
+        results = (results[:parsed_row_end] + f'<tr class="warning"><td colspan="{len(BENCHMARKS) + 3}">{e(warning)}</td></tr>'
+                   + results[parsed_row_end:])
     offsets = clock_offsets(data.rounds)
     training = "".join(_with_notes(c) for c in (charts.loss_chart(data.rounds), charts.communication_chart(data.rounds)))
     shown, omitted = _timeline_rounds(data.rounds)
