@@ -28,13 +28,17 @@ def _trainer_socket(resident: bool) -> str | None:
 
 
 def _process_start_time() -> float:
-    """This process's start (epoch s). /proc where it exists: psutil would add ~0.1-0.2 s to every
-    ClientApp process's start-up (issue 16) to read the same two numbers."""
+    """This process's start (epoch s), within half a clock tick (5 ms): now, minus how long ago
+    the kernel started it. The kernel counts the start in clock ticks since boot on the clock
+    behind /proc/uptime (CLOCK_BOOTTIME, read here at full resolution); /proc/stat's btime, the
+    other way to get there, is whole seconds and put nodes up to 1 s off (issue 24). psutil
+    (where /proc is missing) would add ~0.1-0.2 s to every ClientApp start-up (issue 16)."""
     try:
         ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime "))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, StopIteration, ValueError):
+        now, since_boot = time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)
+        # The count is truncated to whole ticks: the middle of the tick is the closest estimate.
+        return now - (since_boot - (ticks + 0.5) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, IndexError, ValueError, AttributeError):  # AttributeError: no CLOCK_BOOTTIME (not Linux)
         import psutil
 
         return psutil.Process().create_time()

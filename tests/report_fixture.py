@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-NODE_CLOCK_OFFSETS = {101: 5.0, 202: 0.0, 303: -3.0}  # node - server, seconds
+# node id (flwr's are 64-bit: the report must name them as sites) -> node clock - server clock, seconds
+NODE_CLOCK_OFFSETS = {17373721801637452078: 5.0, 4611686018427387904: 0.0, 12297829382473034410: -3.0}
 DELIVERY, UPLOAD = 0.2, 0.1  # one-way delays (s) in the fixture: the estimate's error is (0.2 - 0.1) / 2
 ACCURACIES = {"pubmedqa": 0.25, "medmcqa": 0.5, "medqa": 0.125, "careqa": 0.375}
 MIB = 2**20

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from headless_browser import chromium_path, load_page
 from report_fixture import make_run
+from test_report import bounded, rewrite_metrics
 
 from app.results.report import write_report
 
@@ -35,6 +36,27 @@ def test_report_renders_every_chart_offline_and_requests_nothing(tmp_path):
     assert page["requests"] == [html_path.resolve().as_uri()]  # the file itself, nothing else
     assert not page["messages"], page["messages"]  # no CSP violation, no error
     assert (ARTIFACTS / "report.png").stat().st_size > 20_000
+
+
+def test_a_hostile_runs_report_renders_every_chart_too(tmp_path):
+    """A node's train-loss of 1.7e308, a clipped 1000x update and a refused reply: the same checks,
+    the norms chart included, and the off-scale values drawn (on the edge) like any other mark."""
+    run_dir = make_run(tmp_path)
+
+    def hostile(record):
+        bounded(record)
+        record["clients"][0]["train_loss"] = 1.7e308
+
+    rewrite_metrics(run_dir, hostile)
+    html_path, _ = write_report(run_dir)
+    page = load_page(html_path, screenshot=ARTIFACTS / "report-hostile.png")
+    assert [c["name"] for c in page["charts"]] == ["loss", "communication", "norms", "timeline-1", "timeline-2", "gpu"]
+    for chart in page["charts"]:
+        assert chart["marks"] == chart["total"] > 0, chart
+    assert page["requests"] == [html_path.resolve().as_uri()]
+    assert not page["messages"], page["messages"]
+    loss = html_path.read_text().split('data-chart="loss"')[1].split("</svg>")[0]
+    assert ">site 0</text>" in loss  # every point of site 0 off scale, the site still in the legend
 
 
 def test_the_check_sees_a_page_that_reaches_out(tmp_path):

@@ -96,27 +96,18 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def plot_run(rounds: list[dict[str, Any]], path: Path) -> None:
-    """Training loss (aggregate and per client) and cumulative communication per round."""
-    import matplotlib
+    """Training loss (aggregate and per site) and cumulative communication per round, as the
+    report draws them: values a node sent are read tolerantly and extreme ones drawn on the edge."""
+    from app.results.charts import Chart, draw_communication, draw_loss
+    from app.results.records import parse_rounds
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    numbers = [r["round"] for r in rounds]
-    fig, (loss_ax, comm_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for r in rounds:
-        xs = [r["round"]] * len(r["clients"])
-        loss_ax.scatter(xs, [c["train_loss"] for c in r["clients"]], s=12, color="tab:gray", alpha=0.6)
-    loss_ax.plot(numbers, [r["train_loss"] for r in rounds], marker="o", label="aggregated (by examples)")
-    loss_ax.set(xlabel="round", ylabel="train loss (response tokens)", title="Training loss")
-    loss_ax.legend()
-    comm_ax.plot(numbers, [r["cumulative_mib"] for r in rounds], marker="o", color="tab:green")
-    comm_ax.set(xlabel="round", ylabel="MiB", title="Cumulative communication (down + up)")
-    for ax in (loss_ax, comm_ax):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
+    parsed = parse_rounds(rounds)
+    chart = Chart("training", 12, 4, columns=2)
+    loss_ax, comm_ax = chart.axes
+    draw_loss(chart, loss_ax, parsed)
+    draw_communication(chart, comm_ax, parsed)
+    chart.finish(legend_outside=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+        chart.png(Path(tmp.name))
     share_like_new_files(Path(tmp.name))
     os.replace(tmp.name, path)
