@@ -28,15 +28,20 @@ and byte count. `layout="per-array"` sends one Array per tensor instead, for the
 benchmark. The communication budget counts tensor payload bytes (codes and scales), the same
 number for both layouts; the index and Flower's framing are not counted.
 
-Everything received is checked before it is decoded: the index must describe exactly the
-expected tensors (names, shapes, format), every byte count must equal what its shape and format
-need, and the decoded values must be finite. `WireError` names what is wrong.
+Nothing received is believed before it is checked, and nothing is decoded before that: the
+index is bounded in length and nesting before it is parsed, then must have exactly the structure
+above and describe exactly the expected tensors (names, shapes, format); a message that describes
+itself (the initial adapter, decoded without expected shapes) must stay under the `MAX_*` caps
+below instead. Every byte count must equal what its shape and format need, int8 block scales must
+be finite, non-negative and bounded, and decoded values finite and bounded (`MAX_ABS_VALUE`).
+`decode` raises `WireError`, naming what is wrong, and nothing else, whatever the message holds.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+import math
+from collections import Counter, OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -54,6 +59,34 @@ State = Mapping[str, np.ndarray]
 
 class WireError(ValueError):
     """A message's arrays do not match what the receiver expects; the message says what differs."""
+
+
+# What a receiver accepts at most. MAX_TENSORS, MAX_TENSOR_VALUES and MAX_ADAPTER_VALUES bound a
+# message that describes itself (decoded without expected shapes: the initial adapter, a download);
+# the others hold for every message. Honest messages never come near them: the seed's 8B-shaped
+# DoRA adapter (q_proj and v_proj at rank 32) is 192 tensors and 13.8 M values, its largest tensor
+# 131,072 values, its longest name 71 characters. They exist so that a hostile index cannot make
+# the receiver parse megabytes or allocate gigabytes.
+MAX_TENSORS = 4096  # all 7 linear modules of an 8B model (32 layers x 3 tensors) are 672; of a 70B, 1680
+MAX_NAME_CHARS = 256  # printable ASCII: PEFT names are module paths (this one holds for every message)
+MAX_DIMS = 4  # LoRA factors are 2-D, DoRA magnitudes 1-D, a conv LoRA's factors 4-D
+MAX_TENSOR_VALUES = 2**27  # 134 M: even a rank-1024 factor of a 128k-vocabulary embedding fits (131 M)
+MAX_ADAPTER_VALUES = 2**28  # 1 GiB in float32, 19x the seed's adapter; an 8B all-linear one at rank 64 fits
+# The largest magnitude a decoded value may have. A round's update at the seed's learning rates
+# (5e-5 down to 1e-6) moves a value by ~1e-4, LoRA factors are O(0.1) and DoRA magnitude vectors,
+# row norms of the base weights, O(1). Measured on tiny runs: weights at most 0.61 and a round's
+# update at most 0.16 at the tiny profile's learning rate of 0.1 (7.7e-5 at the seed's). 1e4 is
+# four orders of magnitude above any of these, and low enough that a sum of squares over
+# MAX_ADAPTER_VALUES such values (2.7e16) or a weighted mean of them stays far from float32's
+# overflow (3.4e38).
+MAX_ABS_VALUE = 1e4
+MAX_BLOCK_SCALE = float(np.float32(MAX_ABS_VALUE / 127))  # an int8 block's scale: its absmax / 127, in float32
+# The index's own structure: a list of [name, [dims], offset, bytes]; its integers stay below
+# 2**53 (exact in every JSON reader); a row takes at most a fully escaped name plus six such numbers.
+INDEX_DEPTH = 3
+INDEX_INT_LIMIT = 2**53
+INDEX_CHARS_PER_TENSOR = 2 * MAX_NAME_CHARS + 128
+WIRE_FIELDS = ("format", "content", "layout", "index")
 
 
 def download_format(fmt: str) -> str:
@@ -192,38 +225,124 @@ def decode(
     expect_format: str | None = None,
     expect_content: str | None = None,
 ) -> OrderedDict[str, np.ndarray]:
-    """The float32 tensors of one message, after checking its index and byte counts against
-    what is expected (when given) and against itself, before decoding; values must be finite."""
-    fmt, content, layout, index = _read_index(wire)
+    """The float32 tensors of one message, or WireError naming why not (never another exception).
+    Before anything is decoded, the index is checked against `expect_shapes` (names and shapes, in
+    order) or, without them, against the MAX_* caps, and every byte count against the index;
+    values must be finite and within MAX_ABS_VALUE."""
+    if not isinstance(arrays, ArrayRecord) or not isinstance(wire, ConfigRecord):
+        raise WireError(f"records are {type(arrays).__name__} and {type(wire).__name__}, expected ArrayRecord and ConfigRecord")
+    fmt, content, layout, index = _read_index(wire, None if expect_shapes is None else len(expect_shapes))
     if expect_format is not None and fmt != expect_format:
         raise WireError(f"format {fmt!r}, expected {expect_format!r}")
     if expect_content is not None and content != expect_content:
         raise WireError(f"content {content!r}, expected {expect_content!r}")
-    want = index_for(expect_shapes if expect_shapes is not None else OrderedDict((e.name, e.shape) for e in index), fmt)
+    if expect_shapes is None:
+        _check_caps(index)
+        expect_shapes = OrderedDict((e.name, e.shape) for e in index)
+    want = index_for(expect_shapes, fmt)
     if index != want:
         raise WireError(_index_difference(index, want))
     chunks = _chunks(arrays, layout, index)
-    state = OrderedDict()
-    for entry, chunk in zip(index, chunks, strict=True):
-        value = _decode_tensor(chunk, entry.shape, fmt)
-        if not np.isfinite(value).all():
-            raise WireError(f"tensor {entry.name!r}: {int((~np.isfinite(value)).sum())} non-finite values")
-        state[entry.name] = value
-    return state
+    return OrderedDict((entry.name, _checked_tensor(entry, chunk, fmt)) for entry, chunk in zip(index, chunks, strict=True))
 
 
-def _read_index(wire: ConfigRecord) -> tuple[str, str, str, list[Entry]]:
-    try:
-        fmt, content, layout = str(wire["format"]), str(wire["content"]), str(wire["layout"])
-        rows = json.loads(str(wire["index"]))
-        index = [Entry(str(n), tuple(int(d) for d in s), int(o), int(b)) for n, s, o, b in rows]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireError(f"unreadable index ({type(exc).__name__}: {exc})") from None
+def _shown(value: object, limit: int = 80) -> str:
+    """The repr of something a sender chose, cut short: an error message stays one short line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_index(wire: ConfigRecord, expected_count: int | None) -> tuple[str, str, str, list[Entry]]:
+    if sorted(wire.keys()) != sorted(WIRE_FIELDS):
+        missing = [k for k in WIRE_FIELDS if k not in wire]
+        unexpected = [k for k in wire.keys() if k not in WIRE_FIELDS]
+        raise WireError(f"unreadable index: wire fields missing {missing}, unexpected {_shown(unexpected)}")
+    for field in WIRE_FIELDS:
+        if not isinstance(wire[field], str):
+            raise WireError(f"unreadable index: wire field {field!r} is {type(wire[field]).__name__}, expected str")
+    fmt, content, layout, text = (wire[field] for field in WIRE_FIELDS)
     if fmt not in FORMATS:
-        raise WireError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+        raise WireError(f"format {_shown(fmt)}: expected one of {', '.join(FORMATS)}")
+    if content not in (WEIGHTS, UPDATE):
+        raise WireError(f"content {_shown(content)}: expected {WEIGHTS!r} or {UPDATE!r}")
     if layout not in LAYOUTS:
-        raise WireError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    return fmt, content, layout, index
+        raise WireError(f"layout {_shown(layout)}: expected one of {', '.join(LAYOUTS)}")
+    return fmt, content, layout, _parse_index(text, expected_count)
+
+
+def _parse_index(text: str, expected_count: int | None) -> list[Entry]:
+    """The index's entries, its length and nesting bounded before JSON parses it (no recursion
+    can run deep) and every field's type and range checked after."""
+    most = MAX_TENSORS if expected_count is None else expected_count
+    limit = INDEX_CHARS_PER_TENSOR * max(most, 1)
+    if len(text) > limit:
+        raise WireError(f"unreadable index: {len(text)} characters, more than {limit} for {most} tensors")
+    if not text.isascii():
+        raise WireError("unreadable index: non-ASCII characters (the encoder escapes them)")
+    depth = _nesting_depth(text)
+    if depth > INDEX_DEPTH:
+        raise WireError(f"unreadable index: nested {depth} deep, expected a list of [name, shape, offset, bytes] ({INDEX_DEPTH} deep)")
+    try:
+        rows = json.loads(text)
+    except ValueError as exc:
+        raise WireError(f"unreadable index ({type(exc).__name__}: {exc})") from None
+    if not isinstance(rows, list):
+        raise WireError(f"unreadable index: a JSON {type(rows).__name__}, expected a list of [name, shape, offset, bytes]")
+    if len(rows) > most:
+        raise WireError(f"index lists {len(rows)} tensors, more than {most}{' (comm.MAX_TENSORS)' if expected_count is None else ''}")
+    entries = [_entry(i, row) for i, row in enumerate(rows)]
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        twice = next(name for name, times in Counter(names).items() if times > 1)
+        raise WireError(f"tensor {twice!r} listed twice")
+    return entries
+
+
+def _nesting_depth(text: str) -> int:
+    """How deep brackets nest outside JSON strings, counted with array operations instead of a
+    parser: exact for valid JSON, and for invalid JSON up to where a parser stops."""
+    raw = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
+    if raw.size == 0:
+        return 0
+    position = np.arange(raw.size, dtype=np.int32)
+    backslash = raw == ord("\\")
+    run = position - np.maximum.accumulate(np.where(backslash, np.int32(-1), position))  # backslashes ending here
+    escaped = np.zeros(raw.size, dtype=bool)
+    escaped[1:] = run[:-1] % 2 == 1
+    quote = (raw == ord('"')) & ~escaped
+    in_string = np.cumsum(quote, dtype=np.int32) % 2 == 1
+    step = np.isin(raw, np.frombuffer(b"[{", np.uint8)).astype(np.int32) - np.isin(raw, np.frombuffer(b"]}", np.uint8))
+    step[in_string] = 0
+    return int(np.cumsum(step).max())
+
+
+def _entry(i: int, row: object) -> Entry:
+    if not (isinstance(row, list) and len(row) == 4):
+        raise WireError(f"index entry {i}: {_shown(row)}, expected [name, shape, offset, bytes]")
+    name, shape, offset, nbytes = row
+    if not (isinstance(name, str) and 0 < len(name) <= MAX_NAME_CHARS and name.isascii() and name.isprintable()):
+        raise WireError(f"index entry {i}: name {_shown(name)}, expected 1 to {MAX_NAME_CHARS} printable ASCII characters")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_count(d, 1) for d in shape)):
+        raise WireError(f"tensor {name!r}: shape {_shown(shape)}, expected a list of at most {MAX_DIMS} positive integers")
+    if not (_is_count(offset, 0) and _is_count(nbytes, 0)):
+        raise WireError(f"tensor {name!r}: offset {_shown(offset)} and size {_shown(nbytes)}, expected integers from 0 to 2**53")
+    return Entry(name, tuple(shape), offset, nbytes)
+
+
+def _is_count(value: object, least: int) -> bool:
+    return type(value) is int and least <= value <= INDEX_INT_LIMIT  # not a bool, not a float
+
+
+def _check_caps(index: list[Entry]) -> None:
+    """Without expected shapes, a message may describe no more than the MAX_* caps allow."""
+    total = 0
+    for entry in index:
+        count = math.prod(entry.shape)
+        if count > MAX_TENSOR_VALUES:
+            raise WireError(f"tensor {entry.name!r}: shape {_shown(list(entry.shape))} holds more than comm.MAX_TENSOR_VALUES ({MAX_TENSOR_VALUES}) values")
+        total += count
+    if total > MAX_ADAPTER_VALUES:
+        raise WireError(f"index declares {total} values in all, more than comm.MAX_ADAPTER_VALUES ({MAX_ADAPTER_VALUES})")
 
 
 def _index_difference(got: list[Entry], want: list[Entry]) -> str:
@@ -242,19 +361,42 @@ def _chunks(arrays: ArrayRecord, layout: str, index: list[Entry]) -> list[memory
     """Each tensor's bytes, after checking every Array's kind and size (nothing decoded yet)."""
     names = [PACKED_KEY] if layout == "packed" else [e.name for e in index]
     if list(arrays.keys()) != names:
-        raise WireError(f"arrays {list(arrays.keys())[:3]}..., expected {names[:3]}{'...' if len(names) > 3 else ''}")
+        got = list(arrays.keys())
+        raise WireError(f"arrays {_shown(got[:3])}{'...' if len(got) > 3 else ''}, expected {names[:3]}{'...' if len(names) > 3 else ''}")
     sizes = [sum(e.nbytes for e in index)] if layout == "packed" else [e.nbytes for e in index]
     for name, size in zip(names, sizes, strict=True):
         array = arrays[name]
         if array.stype != RAW_STYPE or array.dtype != "uint8" or list(array.shape) != [size] or len(array.data) != size:
             raise WireError(
-                f"array {name!r}: {array.dtype}/{array.stype} shape {list(array.shape)} with {len(array.data)} B, "
-                f"expected uint8/{RAW_STYPE} of {size} B"
+                f"array {name!r}: {_shown(array.dtype, 20)}/{_shown(array.stype, 20)} shape {_shown(list(array.shape), 40)} "
+                f"with {len(array.data)} B, expected uint8/{RAW_STYPE} of {size} B"
             )
     if layout == "packed":
         view = memoryview(arrays[PACKED_KEY].data)
         return [view[e.offset : e.offset + e.nbytes] for e in index]
     return [memoryview(arrays[e.name].data) for e in index]
+
+
+def _checked_tensor(entry: Entry, chunk: memoryview, fmt: str) -> np.ndarray:
+    """One tensor's values; int8 blocks' scales are checked before they multiply anything."""
+    if fmt in ("float32", "bfloat16"):
+        value = _decode_tensor(chunk, entry.shape, fmt)
+        if not np.isfinite(value).all():
+            raise WireError(f"tensor {entry.name!r}: {int((~np.isfinite(value)).sum())} non-finite values")
+        if (largest := float(np.abs(value).max())) > MAX_ABS_VALUE:
+            raise WireError(f"tensor {entry.name!r}: a value of magnitude {largest:.3g}, above comm.MAX_ABS_VALUE ({MAX_ABS_VALUE:g})")
+        return value
+    count = math.prod(entry.shape)
+    scales = np.frombuffer(chunk, dtype="<f4", offset=count)
+    if not np.isfinite(scales).all():
+        raise WireError(f"tensor {entry.name!r}: {int((~np.isfinite(scales)).sum())} non-finite values in its block scales")
+    if (scales < 0).any():
+        raise WireError(f"tensor {entry.name!r}: {int((scales < 0).sum())} negative block scales")
+    if (largest := float(scales.max())) > MAX_BLOCK_SCALE:
+        raise WireError(f"tensor {entry.name!r}: a block scale of {largest:.3g} decodes to values up to {127 * largest:.3g}, above comm.MAX_ABS_VALUE ({MAX_ABS_VALUE:g})")
+    if (np.frombuffer(chunk, dtype=np.int8, count=count) == -128).any():
+        raise WireError(f"tensor {entry.name!r}: int8 code -128, outside the encoder's range [-127, 127]")
+    return _decode_tensor(chunk, entry.shape, fmt)
 
 
 def record_bytes(arrays: ArrayRecord) -> int:

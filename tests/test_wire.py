@@ -118,3 +118,47 @@ def test_non_finite_values_are_refused(fmt):
     bad = dict(STATE, **{key: np.where(np.arange(280).reshape(4, 70) == 5, np.nan, STATE[key]).astype(np.float32)})
     arrays, wire = comm.encode(bad, fmt, comm.UPDATE)
     assert f"tensor {key!r}: " in _refused(arrays, wire, fmt) and "non-finite" in _refused(arrays, wire, fmt)
+
+
+def seed_adapter_shapes() -> dict[str, tuple[int, ...]]:
+    """The seed recipe's adapter on Llama-3-8B (DoRA, q_proj and v_proj, rank 32), as
+    app.training.model.adapter_shapes gives it; written out because building the meta model
+    takes ~20 s here."""
+    shapes = {}
+    for layer in range(32):
+        for module, out in (("q_proj", 4096), ("v_proj", 1024)):
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
+            shapes |= {f"{prefix}.lora_A.weight": (32, 4096), f"{prefix}.lora_B.weight": (out, 32), f"{prefix}.lora_magnitude_vector": (out,)}
+    return shapes
+
+
+def test_the_seed_adapter_passes_every_bound_as_initial_adapter_and_as_update():
+    shapes = seed_adapter_shapes()
+    assert len(shapes) == 192 and sum(int(np.prod(s)) for s in shapes.values()) == 13_795_328
+    rng = np.random.default_rng(1)
+
+    def initial(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name.endswith("magnitude_vector"):
+            return rng.uniform(0.5, 5.0, shape)  # row norms of the base weights
+        if name.endswith("lora_A.weight"):
+            return rng.uniform(-1, 1, shape) / 64  # PEFT's kaiming-uniform bound, 1/sqrt(fan-in 4096)
+        return np.zeros(shape)  # lora_B starts at zero
+
+    # The initial adapter is decoded without expected shapes: the MAX_* caps apply.
+    weights = {k: initial(k, s).astype(np.float32) for k, s in shapes.items()}
+    back = comm.decode(*comm.encode(weights, "float32", comm.WEIGHTS), expect_format="float32", expect_content=comm.WEIGHTS)
+    assert all(np.array_equal(back[k], v) for k, v in weights.items())
+    update = {k: (rng.standard_normal(s) * 1e-4).astype(np.float32) for k, s in shapes.items()}
+    for fmt in comm.FORMATS:
+        back = comm.decode(*comm.encode(update, fmt, comm.UPDATE), expect_shapes=shapes, expect_format=fmt, expect_content=comm.UPDATE)
+        assert list(back) == list(shapes)
+
+
+@pytest.mark.parametrize("fmt", comm.FORMATS)
+@pytest.mark.parametrize("magnitude", [1e-9, 1e-4, 1.0, 5.0, 100.0])
+def test_honest_values_pass_in_every_format(fmt, magnitude):
+    # Updates at the seed's learning rates (~1e-4, late rounds ~1e-9), weights O(1), DoRA
+    # magnitudes 0.5-5, and 100x that still decode exactly as they always did.
+    state = {k: v / np.abs(v).max() * magnitude for k, v in STATE.items()}
+    back = comm.decode(*comm.encode(state, fmt, comm.UPDATE), expect_shapes=comm.shapes_of(state), expect_format=fmt)
+    assert all(np.array_equal(back[k], comm.round_trip(v, fmt)) for k, v in state.items())
