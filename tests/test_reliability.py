@@ -8,92 +8,20 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
-from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 import app.client_app as client_app
 from app import comm, server_app
 from app.results.checkpoint import RUN_STATE, CheckpointError, load_adapter_tensors
-from app.server_app import TooFewReplies, sample_nodes
+from app.server_app import RunFailed, TooFewReplies, sample_nodes
 from app.training.worker import RoundWorker
-
-SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of errors the SuperLink makes up
-
-
-class InMemoryGrid:
-    """The part of Flower's Grid the ServerApp uses. `fault(node_name, round, attempt)` returns
-    None (reply normally), "drop" (no reply: killed or timed out), "lost" (the SuperLink reports
-    the node unavailable) or "error" (the ClientApp raised)."""
-
-    def __init__(self, names: list[str], run_config: dict, client: Callable, fault: Callable = lambda *a: None, id_base: int = 1000):
-        self.nodes = {id_base + 7 * i: name for i, name in enumerate(names)}
-        self.partition = {node: int(name.rsplit("-", 1)[1]) for node, name in self.nodes.items()}
-        self.run_config, self.client, self.fault = run_config, client, fault
-        self.attempts: dict[int, int] = {}
-        self.sent: list[tuple[int, str]] = []  # (round, node name) of every train message
-        self.crash_at_round: int | None = None
-        self.replies: dict[str, Message] = {}  # pushed messages' replies, by message id
-
-    def get_nodes(self):
-        # SuperLink order is arbitrary: the ServerApp must not depend on it.
-        return random.sample([NodeInfo(node_id=n, name=name) for n, name in self.nodes.items()], len(self.nodes))
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        """Runs each node's ClientApp at once; its reply waits for `pull_messages`."""
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink does on push
-            ids.append(msg.object_id)
-            if (reply := self._reply(msg, first=msg is messages[0])) is not None:
-                self.replies[msg.object_id] = reply
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def _reply(self, msg: Message, first: bool) -> Message | None:
-        node = msg.metadata.dst_node_id
-        context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
-                          state=RecordDict(), run_config=self.run_config)
-        if msg.metadata.message_type == "query.init":
-            return client_app.initial_adapter(msg, context)
-        server_round = int(msg.content["config"]["server-round"])
-        if server_round == self.crash_at_round:
-            raise KeyboardInterrupt("ServerApp killed")
-        attempt = self.attempts[server_round] = self.attempts.get(server_round, -1) + first
-        self.sent.append((server_round, self.nodes[node]))
-        fault = self.fault(self.nodes[node], server_round, attempt)
-        if fault == "drop":
-            return None
-        if fault == "lost":
-            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
-        if fault == "error":
-            return Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)
-        return self.client(msg, context)
-
-
-def fake_client(msg: Message, context: Context) -> Message:
-    """A reply without training: an update of the partition id everywhere, 10 * (p + 1) examples."""
-    p = int(context.node_config["partition-id"])
-    update = {k: np.full_like(v, p) for k, v in comm.decode(msg.content["arrays"], msg.content["wire"]).items()}
-    metrics = {"partition-id": float(p), "train-loss": 1.0 + p, "proximal-term": 0.0, "num-examples": 10.0 * (p + 1),
-               "train-seconds": 0.0, "clientapp-seconds": 0.0, "model-load-seconds": 0.0, "resident": 0.0}
-    return reply_with(msg, update, metrics, client_app.load_settings(dict(context.run_config)).comm.format)
-
-
-def reply_with(msg: Message, update: dict, metrics: dict, fmt: str) -> Message:
-    arrays, wire = comm.encode(update, fmt, comm.UPDATE)
-    return Message(RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
+from fake_grid import FAKE_STEP, SUPERLINK, InMemoryGrid, fake_client, initial_state, reply_with
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +32,7 @@ def task_identity():
 @pytest.fixture
 def fast_init(monkeypatch):
     """A small adapter from query.init without building a model."""
-    state = {"base_model.model.layer.lora_A.weight": np.zeros((2, 4), np.float32), "base_model.model.layer.lora_B.weight": np.ones((4, 2), np.float32)}
+    state = initial_state()
 
     def initial_adapter(msg, context):
         arrays, wire = comm.encode(state, "float32", comm.WEIGHTS)
@@ -202,7 +130,7 @@ def test_lost_replies_aggregate_the_others_and_count_only_moved_bytes(tmp_path, 
     # Weights over the replies that arrived only: partitions 0 and 3 with 10 and 40 examples.
     final = load_adapter_tensors(run / "peft_1")
     key = next(iter(fast_init))
-    assert np.allclose(final[key], fast_init[key] + (0 * 10 + 3 * 40) / 50)
+    assert np.allclose(final[key], fast_init[key] + FAKE_STEP * (0 * 10 + 3 * 40) / 50)
     assert json.loads((run / "summary.json").read_text())["failures"] == 2
 
 
@@ -227,7 +155,9 @@ def test_too_few_replies_are_retried_with_a_new_sample(tmp_path, fast_init):
     assert len(record["clients"]) == 2 and len(grid.sent) == 4
 
     always = InMemoryGrid(NAMES, dict(config, **{"results.dir": str(tmp_path / "b")}), fake_client, lambda *a: "drop")
-    [record] = _metrics(run_main(always, run_id=42))
+    with pytest.raises(RunFailed, match="no round aggregated"):  # the run trained nothing: it failed
+        run_main(always, run_id=42)
+    [record] = _metrics(tmp_path / "b" / "run-42")
     assert record["status"] == "skipped" and record["attempts"] == 3 and record["failures"] == 6
 
 
@@ -298,10 +228,11 @@ def test_resume_names_what_is_wrong_with_the_checkpoint(checkpoint_run, fast_ini
     shutil.copytree(peft, other)
     from safetensors.numpy import save_file
 
-    save_file({"base_model.model.layer.lora_A.weight": np.zeros((3, 4), np.float32)}, str(other / "adapter_model.safetensors"))
+    key = next(iter(fast_init))
+    save_file({key: np.zeros((3, 4), np.float32)}, str(other / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError) as info:
         resume(other, 75)
-    assert "lora_B.weight" in str(info.value) and "expected (2, 4), found (3, 4)" in str(info.value)
+    assert "lora_B.weight" in str(info.value) and f"expected {fast_init[key].shape}, found (3, 4)" in str(info.value)
 
 
 def test_unwritable_results_dir_fails_before_any_node_works(tmp_path, fast_init):
@@ -394,7 +325,7 @@ def test_a_bad_reply_is_a_failed_node_never_an_aggregate(tmp_path, fast_init, ki
     # Two rounds of updates 0, 2 and 3 weighted by 10, 30 and 40 examples: nothing of node 1.
     final = load_adapter_tensors(run / "peft_2")
     for key, start in fast_init.items():
-        assert np.isfinite(final[key]).all() and np.allclose(final[key], start + 2 * (0 * 10 + 2 * 30 + 3 * 40) / 80)
+        assert np.isfinite(final[key]).all() and np.allclose(final[key], start + 2 * FAKE_STEP * (0 * 10 + 2 * 30 + 3 * 40) / 80)
 
 
 def test_num_examples_bound_is_configurable(tmp_path, fast_init):
