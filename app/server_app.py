@@ -353,7 +353,7 @@ def request_initial_adapter(grid: Grid, settings: Settings) -> tuple[State, int]
         log.warning("initial adapter: taken from node %s alone, the only SuperNode online (no second one to compare it with)", vote.candidates[0][0])
         return vote.candidates[0][1], vote.bytes
     if vote.candidates:
-        reasons.insert(0, f"nodes {', '.join(n for n, _ in vote.candidates)} sent adapters that differ")
+        reasons.insert(0, f"nodes {', '.join(sorted(n for n, _ in vote.candidates))} sent adapters that differ")
         raise NodesUnavailable(f"no two of the {len(nodes)} SuperNodes asked returned the same initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons)}")
     raise NodesUnavailable(f"no SuperNode returned the initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons) or 'none asked'}")
 

@@ -3,8 +3,10 @@ for tests that drive the real ServerApp (`main`, `FedTuneProx`) without processe
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
@@ -12,7 +14,7 @@ from flwr.proto.node_pb2 import NodeInfo
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 
 import app.client_app as client_app
-from app import comm
+from app import comm, server_app
 
 SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of errors the SuperLink makes up
 
@@ -99,3 +101,18 @@ def fake_client(msg: Message, context: Context) -> Message:
 def reply_with(msg: Message, update: dict, metrics: dict, fmt: str) -> Message:
     arrays, wire = comm.encode(update, fmt, comm.UPDATE)
     return Message(RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def run_main(grid: InMemoryGrid, run_id: int) -> Path:
+    """The real ServerApp `main` over `grid`; returns the run's results directory."""
+    server_app.main(grid, Context(run_id=run_id, node_id=SUPERLINK, node_config={}, state=RecordDict(), run_config=grid.run_config))
+    return Path(grid.run_config["results.dir"]) / f"run-{run_id}"
+
+
+def tiny_config(tmp_path: Path, **extra) -> dict:
+    return {"profile": "tiny", "results.dir": str(tmp_path), "dataset.num-partitions": 4, "strategy.fraction-train": 0.5,
+            "strategy.round-timeout": 5.0, **extra}
+
+
+def metrics_of(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

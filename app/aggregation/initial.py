@@ -130,6 +130,5 @@ class InitialAdapterVote:
             return
         for other, candidate in self.candidates:
             if self.decided is None and (how := agreement(candidate, state)):
-                self.decided = (candidate, [other, node], how)
-        if self.decided is None:
-            self.candidates.append((node, state))
+                self.decided = (candidate, sorted([other, node]), how)
+        self.candidates.append((node, state))
