@@ -359,6 +359,11 @@ def test_two_nodes_that_disagree_start_nothing_and_one_node_alone_is_said(tmp_pa
     adapter, _ = request_initial_adapter(alone, load_settings(alone.run_config))
     assert set(adapter) == set(initial_state())
     assert "taken from node supernode-0 alone, the only SuperNode online" in caplog.text
+    # Alone, a node's adapter is still checked against the adapter configuration.
+    trained = {k: np.ones_like(v) for k, v in initial_state().items()}
+    alone = init_grid(tmp_path, {"supernode-0": lambda msg: adapter_reply(msg, trained)}, names=THREE[:1], **{"strategy.round-timeout": 2.0})
+    with pytest.raises(NodesUnavailable, match="node supernode-0: refused .*a fresh adapter's lora_B is zero"):
+        request_initial_adapter(alone, load_settings(alone.run_config))
 
 
 @st.composite
