@@ -9,9 +9,10 @@ by lr x |m_hat| / (sqrt(v_hat) + eps) per step, and for a step t that ratio is a
 adam_ratio_bound(t) whatever the gradients (Cauchy-Schwarz over the moment sums; 1.00-1.02 for
 t <= 6), so an honest round's update satisfies
     ||update|| <= lr x sum_t adam_ratio_bound(t) x sqrt(adapter parameters).
-The seed recipe (6 steps, round-1 lr 5e-5, 13,795,328 parameters) gives 1.13, doubled 2.26;
-measured honest updates are 0.32 at round 2 on the GPU (benchmarks/results/comm_gpu_round_h200.json)
-and stay below a third of the bound on the tiny profile (tests/test_hostile_replies.py). With
+Six steps at 5e-5 over the seed adapter's 13,795,328 parameters give 1.12 (2.24 with the margin).
+Measured honest updates use a fraction of the bound: the seed recipe on the GPU 0.32 of 2.03 at
+round 2 and 0.012 of 0.045 at round 10 (benchmarks/results/comm_gpu_round_h200.json); the tiny
+profile at most 0.31 of it (3 sites, 4 rounds, at its own and at the seed's learning rates). With
 `strategy.update-norm-median-multiple` > 0 the bound is also at most that multiple of the round's
 median update norm (off by default: with secure aggregation the ServerApp sees no single norm,
 and with fewer than three replies the median can be a hostile node's).
