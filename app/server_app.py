@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 from flwr.superlink.grid import http_grid
@@ -249,8 +249,8 @@ class FedTuneProx(FedProx):
         append_jsonl(self.metrics_path, record)
         if record["status"] == "failed":
             raise TooFewReplies(
-                f"round {server_round}: fewer than strategy.min-replies={strategy.min_replies} usable replies "
-                f"(strategy.on-too-few-replies=fail); resume from the last checkpoint with resume-from=..."
+                f"round {server_round}: {record['skip_reason']} (strategy.on-too-few-replies=fail); "
+                f"resume from the last checkpoint with resume-from=..."
             )
         if record["status"] == "skipped":
             log.warning("round %d skipped after %d attempt(s) (%s): the global adapter is unchanged", server_round, record["attempts"], record["skip_reason"])
@@ -279,7 +279,7 @@ class FedTuneProx(FedProx):
             clipped, scale = clip(update, norm, bound)
             updates.append(clipped)
             weights.append(metrics["num-examples"])
-            record["clipped"] += scale < 1.0
+            record["clipped"] += int(scale < 1.0)
             client = {key.replace("-", "_"): value for key, value in metrics.items()}
             client.update(
                 update_norm=norm,

@@ -414,7 +414,7 @@ def test_the_initial_adapter_must_fit_the_adapter_config():
     other_layer[f"{q.replace('layers.0', 'layers.1')}.lora_A.weight"] = np.zeros((8, 6), np.float32)
     refused(lambda s: s.update(other_layer), "differ from .* of the same module in another layer")
     refused(lambda s: [s.pop(k) for k in list(s) if "v_proj" in k], "no tensors of target module\\(s\\) \\['v_proj'\\]")
-    assert agreement(good, good) == "exact"
+    assert agreement(good, good) == "exact" and agreement(good, dict(reversed(list(good.items())))) == "exact"
     near = {k: v * np.float32(1 + INITIAL_AGREEMENT_TOLERANCE / 2) for k, v in good.items()}
     far = {k: v * np.float32(1 + INITIAL_AGREEMENT_TOLERANCE * 2) for k, v in good.items()}
     assert agreement(good, near) == "within tolerance" and agreement(good, far) is None

@@ -80,8 +80,10 @@ def check_adapter_layout(state: State, lora: LoraSettings) -> None:
 
 def agreement(a: State, b: State) -> str | None:
     """"exact" when two adapters are bit for bit equal, "within tolerance" when every tensor
-    differs by at most INITIAL_AGREEMENT_TOLERANCE of its largest value, else None."""
-    if list(a) != list(b) or any(a[k].shape != b[k].shape for k in a):
+    differs by at most INITIAL_AGREEMENT_TOLERANCE of its largest value, else None. Tensors are
+    matched by name: their order is not the adapter's (a resident trainer's reply comes in any
+    order, seen on `fedtune local up`)."""
+    if set(a) != set(b) or any(a[k].shape != b[k].shape for k in a):
         return None
     if all(np.array_equal(a[k], b[k]) for k in a):
         return "exact"
