@@ -344,6 +344,21 @@ def test_a_poisoned_initial_adapter_is_outvoted(tmp_path, caplog):
     assert "nodes supernode-1 and supernode-2 agree (exact); outvoted: supernode-0" in caplog.text
 
 
+@pytest.mark.parametrize("index", ["[" * 5000, json.dumps([["base_model.model.x.lora_A.weight", [-4, 2], 0, 8]])])
+def test_a_malformed_initial_adapter_is_one_refused_reply(tmp_path, caplog, index):
+    """Issue 24: a negative dimension in the initial adapter's index raised ValueError past the
+    ServerApp; a nested one RecursionError."""
+
+    def malformed(msg):
+        arrays, wire = comm.encode(initial_state(), "float32", comm.WEIGHTS)
+        return Message(RecordDict({"arrays": arrays, "wire": ConfigRecord({**dict(wire), "index": index})}), reply_to=msg)
+
+    grid = init_grid(tmp_path, {"supernode-0": malformed})
+    adapter, _ = request_initial_adapter(grid, load_settings(grid.run_config))
+    assert agreement(adapter, initial_state()) == "exact"
+    assert "initial adapter: node supernode-0: refused (" in caplog.text
+
+
 def test_a_silent_first_node_does_not_stall_the_start(tmp_path):
     grid = init_grid(tmp_path, {"supernode-0": lambda msg: None}, **{"strategy.round-timeout": 60.0})
     started = time.monotonic()
