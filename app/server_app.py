@@ -340,20 +340,20 @@ def request_initial_adapter(grid: Grid, settings: Settings) -> tuple[State, int]
     vote = InitialAdapterVote(settings.model.lora, messages, names)
     replies, _, _, problem = exchange(grid, messages, timeout, enough=vote.add)
     vote.add(replies)
-    answered = {r.metadata.reply_to_message_id for r in replies}
-    reasons = vote.reasons + [f"node {names[m.metadata.dst_node_id]}: {problem or 'no reply'}" for m in messages if m.metadata.message_id not in answered]
+    for reason in vote.reasons:
+        log.warning("initial adapter: %s", reason)
     if vote.decided is not None:
         adapter, agreeing, how = vote.decided
         others = [n for n, _ in vote.candidates if n not in agreeing]
         log.info("initial adapter: nodes %s agree (%s)%s", " and ".join(agreeing), how, f"; outvoted: {', '.join(others)}" if others else "")
-        for reason in reasons:
-            log.warning("initial adapter: %s", reason)
         return adapter, vote.bytes
     if len(nodes) == 1 and vote.candidates:
         log.warning("initial adapter: taken from node %s alone, the only SuperNode online (no second one to compare it with)", vote.candidates[0][0])
         return vote.candidates[0][1], vote.bytes
-    if vote.candidates:
-        reasons.insert(0, f"nodes {', '.join(sorted(n for n, _ in vote.candidates))} sent adapters that differ")
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    reasons = vote.reasons + [f"node {names[m.metadata.dst_node_id]}: {problem or 'no reply'}" for m in messages if m.metadata.message_id not in answered]
+    if valid := sorted(n for n, _ in vote.candidates):
+        reasons.insert(0, f"nodes {', '.join(valid)} sent adapters that differ" if len(valid) > 1 else f"only node {valid[0]} sent a usable adapter")
         raise NodesUnavailable(f"no two of the {len(nodes)} SuperNodes asked returned the same initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons)}")
     raise NodesUnavailable(f"no SuperNode returned the initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons) or 'none asked'}")
 
