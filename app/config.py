@@ -107,6 +107,20 @@ class StrategySettings(_Section):
     # A reply claiming more examples than this is refused, so no node takes all the weight.
     # 0: the partition size of a dataset the ServerApp knows (app/training/data.py), else no bound.
     max_num_examples: int = Field(0, ge=0)
+    # Every update is clipped to this L2 norm before it counts (app/aggregation/bounds.py says why
+    # honest updates stay within it). 0: derived each round from the recipe and the round's LR,
+    # twice the farthest AdamW can move the adapter.
+    update_norm_bound: float = Field(0.0, ge=0.0)
+    # > 0: the bound is also at most this multiple of the round's median update norm (0 or >= 1).
+    update_norm_median_multiple: float = Field(0.0, ge=0.0)
+    # A run that aggregates no round, or skips more than this fraction of its rounds, ends failed.
+    max_skipped_fraction: float = Field(0.5, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _median_multiple(self) -> StrategySettings:
+        if 0 < self.update_norm_median_multiple < 1:
+            raise ValueError(f"strategy.update-norm-median-multiple ({self.update_norm_median_multiple}) must be 0 (off) or >= 1: below 1 it clips the median update")
+        return self
 
 
 class DatasetSettings(_Section):

@@ -1,20 +1,23 @@
 """ServerApp: FedProx over the DoRA adapter, with a cosine LR across rounds, checkpoints and
 per-round metrics. It needs no GPU and never loads the base model: the initial adapter comes
-from one SuperNode (`query.init`), and checkpoints are written from the state dict.
+from the SuperNodes (`query.init`), taken when two of them agree (app/aggregation/initial.py),
+and checkpoints are written from the state dict.
 
 Rounds survive lost nodes: a round aggregates the replies that arrive within
 `strategy.round-timeout`, weighted over those only; with fewer than `strategy.min-replies` it
 is retried, skipped or fails the run (`strategy.on-too-few-replies`), never aggregated from
-nothing. `resume-from=<results>/run-<id>/peft_N` continues a stopped run at round N+1 with the
-same LR schedule, node samples and communication budget.
+nothing. A run that went through its rounds but aggregated none, or skipped more than
+`strategy.max-skipped-fraction` of them, ends failed (app/aggregation/outcome.py).
+`resume-from=<results>/run-<id>/peft_N` continues a stopped run at round N+1 with the same LR
+schedule, node samples and communication budget.
 
 Nodes send their round's update, not their weights; the ServerApp keeps the global adapter in
-float32 and adds the example-weighted mean update (app/comm.py says why). Every reply is checked
-before it counts (`check_reply`): tensors and sizes against the global adapter, finite values
-and metrics, `num-examples` a positive integer within `strategy.max-num-examples`. A reply that
-fails is a failed node for that round, with the reason in metrics.jsonl. Every wait has a
-deadline: for nodes (NODE_WAIT_SECONDS), for replies and for the initial adapter
-(`strategy.round-timeout`).
+float32 and adds the example-weighted mean update (app/comm.py says why). Nothing a node sends is
+trusted (app/aggregation/): every reply is checked before it counts (`check_reply`), every
+update is clipped to the round's norm bound, and the aggregate is checked before it is saved or
+sent; a reply that fails is a failed node for that round, an aggregate that fails a skipped
+round, each with the reason in metrics.jsonl. Every wait has a deadline: for nodes
+(NODE_WAIT_SECONDS), for replies and for the initial adapter (`strategy.round-timeout`).
 """
 
 from __future__ import annotations
@@ -25,33 +28,39 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 from flwr.superlink.grid import http_grid
 from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from app import comm
-from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
+from app.aggregation.aggregate import apply_mean_update, weighted_mean
+from app.aggregation.bounds import AggregateRefused, check_aggregate, clip, recipe_norm_bound, round_norm_bound, update_norm
+from app.aggregation.initial import INITIAL_ASK, InitialAdapterVote
+from app.aggregation.outcome import failure_reasons, run_failure
+from app.aggregation.replies import ReplyRejected, check_reply, quote
 from app.config import Settings, load_settings
 from app.node.flwr_patches import PATCHED_VERSION, shorten_pull_retry
+from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.results.metrics import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
 log = logging.getLogger(__name__)
 app = ServerApp()
 State = Mapping[str, np.ndarray]
 
-CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples", "train-seconds", "clientapp-seconds", "model-load-seconds", "resident")
 # The ServerApp's own short poll instead of Grid.send_and_receive's fixed 3 s sleep.
 POLL_SECONDS = 0.25
 # How long a round, or the initial adapter, waits for enough SuperNodes to be online.
 NODE_WAIT_SECONDS = 600.0
+# Once one node is online, how long the initial adapter waits for INITIAL_ASK to compare.
+INITIAL_PEERS_WAIT_SECONDS = 60.0
 # What the Grid raises while the SuperLink is briefly away: an expired push session, an HTTP
 # error, a refused connection.
 TRANSPORT_ERRORS = (ObjectPushError, httpx.HTTPError, OSError)
@@ -62,23 +71,16 @@ class TooFewReplies(RuntimeError):
 
 
 class NodesUnavailable(RuntimeError):
-    """Not enough SuperNodes came online, or none returned the initial adapter, in time."""
+    """Not enough SuperNodes came online, or no two agreed on the initial adapter, in time."""
+
+
+class RunFailed(RuntimeError):
+    """The run went through its rounds but trained too little (app/aggregation/outcome.py)."""
 
 
 def cosine_lr(server_round: int, total_rounds: int, lr_max: float, lr_min: float) -> float:
     """FlowerTune's per-round learning rate: cosine annealing from lr_max to lr_min."""
     return lr_min + 0.5 * (lr_max - lr_min) * (1 + math.cos(math.pi * server_round / total_rounds))
-
-
-def apply_mean_update(master: State, updates: list[State], weights: list[float]) -> dict[str, np.ndarray]:
-    """The float32 master plus the example-weighted mean of the nodes' updates."""
-    total = float(sum(weights))
-    if not updates or total <= 0:
-        raise ValueError("cannot aggregate: no reply with a positive number of examples")
-    return {
-        key: master[key] + sum(u[key] * np.float32(w / total) for u, w in zip(updates, weights, strict=True)).astype(np.float32)
-        for key in master
-    }
 
 
 def sample_nodes(nodes: list[Any], sample_size: int, seed: int, server_round: int, attempt: int) -> list[Any]:
@@ -90,9 +92,11 @@ def sample_nodes(nodes: list[Any], sample_size: int, seed: int, server_round: in
     return random.Random(int.from_bytes(digest[:8], "big")).sample(ordered, sample_size)
 
 
-def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[Message], float, dict[str, float], str | None]:
-    """Push `messages`, then pull replies every POLL_SECONDS until all are in or `timeout` s
-    have passed. Returns the replies, when the push finished, when each reply arrived (epoch s,
+def exchange(
+    grid: Grid, messages: list[Message], timeout: float, enough: Callable[[list[Message]], bool] | None = None
+) -> tuple[list[Message], float, dict[str, float], str | None]:
+    """Push `messages`, then pull replies every POLL_SECONDS until all are in, `enough(replies)`
+    says the replies so far suffice, or `timeout` s have passed. Returns the replies, when the push finished, when each reply arrived (epoch s,
     keyed by the message it answers) and, for replies that never came, a transport problem
     seen on the way (a SuperLink restart can expire a push session or refuse a pull): that
     attempt then fails like a lost node instead of ending the run."""
@@ -114,7 +118,7 @@ def exchange(grid: Grid, messages: list[Message], timeout: float) -> tuple[list[
         except TRANSPORT_ERRORS as exc:  # transient while the SuperLink restarts: keep polling
             problem = f"reply not pulled ({type(exc).__name__}: {exc})"
             log.warning("pulling replies failed: %s", problem)
-        if not pending or time.monotonic() >= deadline:
+        if not pending or time.monotonic() >= deadline or (enough is not None and enough(replies)):
             break
         time.sleep(POLL_SECONDS)
     return replies, sent, arrived, problem
@@ -131,38 +135,6 @@ def wait_for_nodes(grid: Grid, needed: int, what: str) -> list[Any]:
             raise NodesUnavailable(f"{what}: {len(nodes)} SuperNode(s) online after {patience:g} s, {needed} needed")
         log.info("%s: waiting for SuperNodes (%d online, %d needed)", what, len(nodes), needed)
         time.sleep(1)
-
-
-class ReplyRejected(ValueError):
-    """A reply that cannot be aggregated; the node counts as failed for the round."""
-
-
-def check_reply(reply: Message, shapes: Mapping[str, tuple[int, ...]], fmt: str, max_examples: int | None) -> tuple[State, dict[str, float]]:
-    """A node's update and metrics, or ReplyRejected naming why it cannot count. Sizes are
-    checked before anything is decoded (app/comm.py); nothing from a node is trusted."""
-    content = reply.content
-    missing = [k for k in ("arrays", "wire", "metrics") if k not in content]
-    if missing:
-        raise ReplyRejected(f"reply lacks {missing}; has {sorted(content.keys())}")
-    kinds = {"arrays": ArrayRecord, "wire": ConfigRecord, "metrics": MetricRecord}
-    if wrong := [k for k, kind in kinds.items() if not isinstance(content[k], kind)]:
-        raise ReplyRejected(f"reply records {wrong} are not of the expected kinds ({', '.join(k.__name__ for k in kinds.values())})")
-    metrics = dict(content["metrics"])
-    if lacking := [k for k in CLIENT_METRICS if k not in metrics]:
-        raise ReplyRejected(f"metrics lack {lacking}")
-    for key, value in metrics.items():
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ReplyRejected(f"metric {key!r} is not a finite number")
-    examples = metrics["num-examples"]
-    if examples <= 0 or examples != int(examples):
-        raise ReplyRejected(f"num-examples {examples!r} is not a positive integer")
-    if max_examples is not None and examples > max_examples:
-        raise ReplyRejected(f"num-examples {int(examples)} exceeds the bound {max_examples} (strategy.max-num-examples)")
-    try:
-        update = comm.decode(content["arrays"], content["wire"], expect_shapes=shapes, expect_format=fmt, expect_content=comm.UPDATE)
-    except comm.WireError as exc:
-        raise ReplyRejected(f"update refused: {exc}") from None
-    return update, {k: float(v) for k, v in metrics.items()}
 
 
 class FedTuneProx(FedProx):
@@ -218,17 +190,19 @@ class FedTuneProx(FedProx):
                 reason = f"error {reply.error.code}: {reply.error.reason}"
             else:
                 out["bytes_down"] += size
-                if not reply.has_error() and isinstance(reply.content.get(self.arrayrecord_key), ArrayRecord):
-                    out["bytes_up"] += comm.record_bytes(reply.content[self.arrayrecord_key])
-                if reply.has_error():
-                    reason = f"error {reply.error.code}: {reply.error.reason}"
-                else:
-                    try:
-                        update, metrics = check_reply(reply, shapes, self.settings.comm.format, self.max_examples)
+                try:
+                    if not reply.has_error() and isinstance(reply.content.get(self.arrayrecord_key), ArrayRecord):
+                        out["bytes_up"] += comm.record_bytes(reply.content[self.arrayrecord_key])
+                    if reply.has_error():
+                        reason = f"error {reply.error.code}: {quote(reply.error.reason)}"
+                    else:
+                        update, metrics = check_reply(reply, shapes, self.settings.comm.format, self.max_examples, self.settings.dataset.num_partitions)
                         out["valid"].append((msg, reply, update, metrics))
                         continue
-                    except ReplyRejected as exc:
-                        reason = f"refused: {exc}"
+                except ReplyRejected as exc:
+                    reason = f"refused: {exc}"
+                except Exception as exc:  # noqa: BLE001 - one hostile reply must never end the round
+                    reason = f"refused: unreadable reply ({type(exc).__name__}: {quote(exc)})"
             out["failed"].append({"node_id": node, "node": names[node], "reason": reason})
             log.warning("node %s (%d) failed: %s", names[node], node, reason)
         return out
@@ -241,6 +215,7 @@ class FedTuneProx(FedProx):
             "round": server_round, "lr": self.lr(server_round), "status": "skipped", "attempts": 0,
             "comm_format": self.settings.comm.format, "train_loss": None, "clients": [], "failures": 0, "failed": [],
             "bytes_down": 0, "bytes_up": 0, "bytes_down_unconfirmed": 0, "t_start": t_start, "aggregate_seconds": 0.0,
+            "norm_bound": None, "clipped": 0, "skip_reason": None,
         }
         new_master = master
         shapes = comm.shapes_of(master)
@@ -263,6 +238,8 @@ class FedTuneProx(FedProx):
                 "round %d attempt %d: %d usable replies of %d sampled, below strategy.min-replies=%d",
                 server_round, attempt + 1, len(got["valid"]), len(messages), strategy.min_replies,
             )
+        if record["status"] != "aggregated" and record["skip_reason"] is None:
+            record["skip_reason"] = f"fewer than strategy.min-replies={strategy.min_replies} usable replies"
         round_bytes = record["bytes_down"] + record["bytes_up"]
         self.cumulative_bytes += round_bytes
         record.update(bytes_round=round_bytes, cumulative_mib=self.cumulative_bytes / MIB, round_seconds=time.perf_counter() - started)
@@ -272,25 +249,42 @@ class FedTuneProx(FedProx):
         append_jsonl(self.metrics_path, record)
         if record["status"] == "failed":
             raise TooFewReplies(
-                f"round {server_round}: fewer than strategy.min-replies={strategy.min_replies} usable replies "
-                f"(strategy.on-too-few-replies=fail); resume from the last checkpoint with resume-from=..."
+                f"round {server_round}: {record['skip_reason']} (strategy.on-too-few-replies=fail); "
+                f"resume from the last checkpoint with resume-from=..."
             )
         if record["status"] == "skipped":
-            log.warning("round %d skipped after %d attempt(s): the global adapter is unchanged", server_round, record["attempts"])
+            log.warning("round %d skipped after %d attempt(s) (%s): the global adapter is unchanged", server_round, record["attempts"], record["skip_reason"])
         else:
             log.info(
-                "round %d: train loss %.4f over %d clients (%d failures), %.2f MiB this round, %.2f MiB total",
-                server_round, record["train_loss"], len(record["clients"]), record["failures"], round_bytes / MIB, self.cumulative_bytes / MIB,
+                "round %d: train loss %.4g over %d clients (%d failures, %d clipped to %.4g), %.2f MiB this round, %.2f MiB total",
+                server_round, record["train_loss"], len(record["clients"]), record["failures"], record["clipped"], record["norm_bound"],
+                round_bytes / MIB, self.cumulative_bytes / MIB,
             )
         return new_master
 
+    def norm_bound(self, server_round: int, parameters: int, norms: list[float]) -> float:
+        """The round's L2 bound on one update (app/aggregation/bounds.py)."""
+        strategy = self.settings.strategy
+        recipe = recipe_norm_bound(self.settings.train.training_arguments.max_steps, self.lr(server_round), parameters)
+        return round_norm_bound(strategy.update_norm_bound, recipe, strategy.update_norm_median_multiple, norms)
+
     def _aggregate(self, master: State, valid: list, record: dict[str, Any], sent: float, arrived: dict[str, float]) -> State:
+        """The new global adapter from the usable replies, each clipped to the round's norm bound;
+        the old one (round skipped, reason recorded) if the aggregate fails its check."""
+        norms = [update_norm(update) for _, _, update, _ in valid]
+        bound = self.norm_bound(record["round"], sum(v.size for v in master.values()), norms)
+        record["norm_bound"] = bound
         updates, weights = [], []
-        for msg, reply, update, metrics in valid:
-            updates.append(update)
+        for (msg, reply, update, metrics), norm in zip(valid, norms, strict=True):
+            clipped, scale = clip(update, norm, bound)
+            updates.append(clipped)
             weights.append(metrics["num-examples"])
+            record["clipped"] += int(scale < 1.0)
             client = {key.replace("-", "_"): value for key, value in metrics.items()}
             client.update(
+                update_norm=norm,
+                update_scale=scale,
+                dropped_metrics=len(reply.content["metrics"]) - len(metrics),
                 node_id=reply.metadata.src_node_id,
                 partition_id=int(metrics["partition-id"]),
                 num_examples=int(metrics["num-examples"]),
@@ -301,9 +295,17 @@ class FedTuneProx(FedProx):
                 t_received=arrived.get(msg.metadata.message_id),
             )
             record["clients"].append(client)
+            if scale < 1.0:
+                log.warning("round %d: node %d's update (norm %.4g) clipped to the norm bound %.4g", record["round"], client["node_id"], norm, bound)
+        new_master = apply_mean_update(master, updates, weights)
+        try:
+            check_aggregate(master, new_master, bound)
+        except AggregateRefused as exc:
+            record["skip_reason"] = str(exc)
+            return master
         record["status"] = "aggregated"
-        record["train_loss"] = sum(c["train_loss"] * w for c, w in zip(record["clients"], weights, strict=True)) / sum(weights)
-        return apply_mean_update(master, updates, weights)
+        record["train_loss"] = weighted_mean([c["train_loss"] for c in record["clients"]], weights)
+        return new_master
 
 
 def max_num_examples(settings: Settings) -> int | None:
@@ -319,31 +321,40 @@ def max_num_examples(settings: Settings) -> int | None:
     return bound
 
 
-def request_initial_adapter(grid: Grid, timeout: float) -> tuple[State, int]:
-    """Ask connected SuperNodes, one at a time, for the freshly initialised adapter; the whole
-    search shares one deadline of `timeout` s."""
-    deadline = time.monotonic() + timeout
-    nodes = sorted(wait_for_nodes(grid, 1, "initial adapter"), key=lambda n: (n.name or "", n.node_id))
-    reasons = []
-    for node in nodes:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        message = Message(content=RecordDict({"config": ConfigRecord({})}), message_type="query.init", dst_node_id=node.node_id)
-        replies, _, _, problem = exchange(grid, [message], remaining)
-        if not replies:
-            reasons.append(f"node {node.node_id}: {problem or 'no reply'}")
-            continue
-        reply = replies[0]
-        if reply.has_error():
-            reasons.append(f"node {node.node_id}: {reply.error.reason}")
-            continue
-        try:
-            adapter = comm.decode(reply.content["arrays"], reply.content["wire"], expect_format="float32", expect_content=comm.WEIGHTS)
-            return adapter, comm.record_bytes(reply.content["arrays"])
-        except (KeyError, comm.WireError) as exc:
-            reasons.append(f"node {node.node_id}: refused ({exc})")
-        log.warning("could not get the initial adapter: %s", reasons[-1])
+def request_initial_adapter(grid: Grid, settings: Settings) -> tuple[State, int]:
+    """The initial adapter and the bytes its replies carried: up to INITIAL_ASK SuperNodes are
+    asked at once, with one deadline (`strategy.round-timeout`), and it is taken as soon as two
+    agree (app/aggregation/initial.py); a silent node costs nothing while two others agree. With
+    one node online it is taken from that node alone, and the log says so."""
+    timeout = settings.strategy.round_timeout
+    nodes = wait_for_nodes(grid, 1, "initial adapter")
+    wanted = min(INITIAL_ASK, settings.dataset.num_partitions)
+    peers_deadline = time.monotonic() + INITIAL_PEERS_WAIT_SECONDS
+    while len(nodes) < wanted and time.monotonic() < peers_deadline:
+        log.info("initial adapter: waiting for SuperNodes to compare (%d online, %d wanted)", len(nodes), wanted)
+        time.sleep(1)
+        nodes = list(grid.get_nodes()) or nodes
+    nodes = sorted(nodes, key=lambda n: (n.name or "", n.node_id))[:INITIAL_ASK]
+    names = {n.node_id: n.name or str(n.node_id) for n in nodes}
+    messages = [Message(content=RecordDict({"config": ConfigRecord({})}), message_type="query.init", dst_node_id=n.node_id) for n in nodes]
+    vote = InitialAdapterVote(settings.model.lora, messages, names)
+    replies, _, _, problem = exchange(grid, messages, timeout, enough=vote.add)
+    vote.add(replies)
+    for reason in vote.reasons:
+        log.warning("initial adapter: %s", reason)
+    if vote.decided is not None:
+        adapter, agreeing, how = vote.decided
+        others = [n for n, _ in vote.candidates if n not in agreeing]
+        log.info("initial adapter: nodes %s agree (%s)%s", " and ".join(agreeing), how, f"; outvoted: {', '.join(others)}" if others else "")
+        return adapter, vote.bytes
+    if len(nodes) == 1 and vote.candidates:
+        log.warning("initial adapter: taken from node %s alone, the only SuperNode online (no second one to compare it with)", vote.candidates[0][0])
+        return vote.candidates[0][1], vote.bytes
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    reasons = vote.reasons + [f"node {names[m.metadata.dst_node_id]}: {problem or 'no reply'}" for m in messages if m.metadata.message_id not in answered]
+    if valid := sorted(n for n, _ in vote.candidates):
+        reasons.insert(0, f"nodes {', '.join(valid)} sent adapters that differ" if len(valid) > 1 else f"only node {valid[0]} sent a usable adapter")
+        raise NodesUnavailable(f"no two of the {len(nodes)} SuperNodes asked returned the same initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons)}")
     raise NodesUnavailable(f"no SuperNode returned the initial adapter within {timeout:g} s (strategy.round-timeout): {'; '.join(reasons) or 'none asked'}")
 
 
@@ -373,7 +384,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("results in %s", run_dir)
 
     started = time.perf_counter()
-    initial, init_bytes = request_initial_adapter(grid, settings.strategy.round_timeout)
+    initial, init_bytes = request_initial_adapter(grid, settings)
     strategy = FedTuneProx(settings, run_dir)
     master, first_round = initial, 1
     if resume is not None:
@@ -391,7 +402,10 @@ def main(grid: Grid, context: Context) -> None:
                 run_state = {"round": server_round, "cumulative_bytes": strategy.cumulative_bytes, "run_id": context.run_id, "config": flat}
                 path = save_adapter(run_dir / f"peft_{server_round}", dict(master), settings.model, run_state)
                 log.info("saved global adapter to %s", path)
-    except (TooFewReplies, NodesUnavailable) as exc:
+        rounds = read_jsonl(strategy.metrics_path) if strategy.metrics_path.exists() else []
+        if failure := run_failure(rounds, settings.strategy.max_skipped_fraction):
+            raise RunFailed(failure)
+    except (TooFewReplies, NodesUnavailable, RunFailed) as exc:
         stopped = str(exc)
         raise
     finally:
@@ -407,6 +421,23 @@ def _carry_history(source: Path, target: Path, upto: int) -> None:
 
 
 def _write_summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneProx, initial, init_bytes, started, resume, stopped) -> None:
+    """summary.json and the plot. A failure here is logged, never raised: the run's outcome is
+    what its rounds did, not whether this report of them could be written."""
+    try:
+        summary, aggregated = _summary(run_id, settings, run_dir, strategy, initial, init_bytes, started, resume, stopped)
+        write_json_atomic(run_dir / "summary.json", summary)
+        log.info("run finished: %s", summary)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.exception("could not write %s", run_dir / "summary.json")
+        return
+    if aggregated:
+        try:
+            plot_run(aggregated, run_dir / PLOT_NAME)
+        except Exception:  # noqa: BLE001 - see the docstring
+            log.exception("could not plot the run to %s", run_dir / PLOT_NAME)
+
+
+def _summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneProx, initial, init_bytes, started, resume, stopped) -> tuple[dict, list]:
     rounds = read_jsonl(strategy.metrics_path) if strategy.metrics_path.exists() else []
     aggregated = [r for r in rounds if r.get("status", "aggregated") == "aggregated"]
     last = settings.num_server_rounds
@@ -419,6 +450,7 @@ def _write_summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneP
         "rounds_configured": last,
         "resumed_from": str(resume.directory) if resume else None,
         "stopped": stopped,
+        "failure_reasons": failure_reasons(rounds),
         "final_train_loss": aggregated[-1]["train_loss"] if aggregated else None,
         "adapter_parameters": sum(a.size for a in initial.values()),
         "comm_format": settings.comm.format,
@@ -429,7 +461,4 @@ def _write_summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneP
         "wall_seconds": time.perf_counter() - started,
         "final_adapter": str(run_dir / f"peft_{last}") if (run_dir / f"peft_{last}").is_dir() else None,
     }
-    write_json_atomic(run_dir / "summary.json", summary)
-    if aggregated:
-        plot_run(aggregated, run_dir / PLOT_NAME)
-    log.info("run finished: %s", summary)
+    return summary, aggregated

@@ -102,7 +102,8 @@ def held_out_loss(settings, adapter) -> float:
 def federate(fmt: str, run_config: dict, worker) -> dict:
     from app import comm
     from app.config import load_settings
-    from app.server_app import apply_mean_update, cosine_lr
+    from app.aggregation.aggregate import apply_mean_update
+    from app.server_app import cosine_lr
     from app.training.worker import NodeData, TrainRequest
 
     settings = load_settings(run_config)

@@ -60,7 +60,7 @@ def test_top_of_app_holds_only_entry_points_wire_config_and_cli():
 
 
 def test_every_role_package_is_a_package():
-    for package in ("deploy", "evaluation", "training", "node", "results"):
+    for package in ("aggregation", "deploy", "evaluation", "training", "node", "results"):
         assert (APP / package / "__init__.py").is_file(), f"app/{package}/ is not a package"
 
 

@@ -8,92 +8,20 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
-from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
 
 import app.client_app as client_app
 from app import comm, server_app
 from app.results.checkpoint import RUN_STATE, CheckpointError, load_adapter_tensors
-from app.server_app import TooFewReplies, sample_nodes
+from app.server_app import RunFailed, TooFewReplies, sample_nodes
 from app.training.worker import RoundWorker
-
-SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of errors the SuperLink makes up
-
-
-class InMemoryGrid:
-    """The part of Flower's Grid the ServerApp uses. `fault(node_name, round, attempt)` returns
-    None (reply normally), "drop" (no reply: killed or timed out), "lost" (the SuperLink reports
-    the node unavailable) or "error" (the ClientApp raised)."""
-
-    def __init__(self, names: list[str], run_config: dict, client: Callable, fault: Callable = lambda *a: None, id_base: int = 1000):
-        self.nodes = {id_base + 7 * i: name for i, name in enumerate(names)}
-        self.partition = {node: int(name.rsplit("-", 1)[1]) for node, name in self.nodes.items()}
-        self.run_config, self.client, self.fault = run_config, client, fault
-        self.attempts: dict[int, int] = {}
-        self.sent: list[tuple[int, str]] = []  # (round, node name) of every train message
-        self.crash_at_round: int | None = None
-        self.replies: dict[str, Message] = {}  # pushed messages' replies, by message id
-
-    def get_nodes(self):
-        # SuperLink order is arbitrary: the ServerApp must not depend on it.
-        return random.sample([NodeInfo(node_id=n, name=name) for n, name in self.nodes.items()], len(self.nodes))
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):
-        """Runs each node's ClientApp at once; its reply waits for `pull_messages`."""
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink does on push
-            ids.append(msg.object_id)
-            if (reply := self._reply(msg, first=msg is messages[0])) is not None:
-                self.replies[msg.object_id] = reply
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
-
-    def _reply(self, msg: Message, first: bool) -> Message | None:
-        node = msg.metadata.dst_node_id
-        context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
-                          state=RecordDict(), run_config=self.run_config)
-        if msg.metadata.message_type == "query.init":
-            return client_app.initial_adapter(msg, context)
-        server_round = int(msg.content["config"]["server-round"])
-        if server_round == self.crash_at_round:
-            raise KeyboardInterrupt("ServerApp killed")
-        attempt = self.attempts[server_round] = self.attempts.get(server_round, -1) + first
-        self.sent.append((server_round, self.nodes[node]))
-        fault = self.fault(self.nodes[node], server_round, attempt)
-        if fault == "drop":
-            return None
-        if fault == "lost":
-            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
-        if fault == "error":
-            return Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)
-        return self.client(msg, context)
-
-
-def fake_client(msg: Message, context: Context) -> Message:
-    """A reply without training: an update of the partition id everywhere, 10 * (p + 1) examples."""
-    p = int(context.node_config["partition-id"])
-    update = {k: np.full_like(v, p) for k, v in comm.decode(msg.content["arrays"], msg.content["wire"]).items()}
-    metrics = {"partition-id": float(p), "train-loss": 1.0 + p, "proximal-term": 0.0, "num-examples": 10.0 * (p + 1),
-               "train-seconds": 0.0, "clientapp-seconds": 0.0, "model-load-seconds": 0.0, "resident": 0.0}
-    return reply_with(msg, update, metrics, client_app.load_settings(dict(context.run_config)).comm.format)
-
-
-def reply_with(msg: Message, update: dict, metrics: dict, fmt: str) -> Message:
-    arrays, wire = comm.encode(update, fmt, comm.UPDATE)
-    return Message(RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
+from fake_grid import FAKE_STEP, SUPERLINK, InMemoryGrid, fake_client, initial_state, metrics_of, reply_with, run_main, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +32,7 @@ def task_identity():
 @pytest.fixture
 def fast_init(monkeypatch):
     """A small adapter from query.init without building a model."""
-    state = {"base_model.model.layer.lora_A.weight": np.zeros((2, 4), np.float32), "base_model.model.layer.lora_B.weight": np.ones((4, 2), np.float32)}
+    state = initial_state()
 
     def initial_adapter(msg, context):
         arrays, wire = comm.encode(state, "float32", comm.WEIGHTS)
@@ -112,20 +40,6 @@ def fast_init(monkeypatch):
 
     monkeypatch.setattr(client_app, "initial_adapter", initial_adapter)
     return state
-
-
-def run_main(grid: InMemoryGrid, run_id: int) -> Path:
-    server_app.main(grid, Context(run_id=run_id, node_id=SUPERLINK, node_config={}, state=RecordDict(), run_config=grid.run_config))
-    return Path(grid.run_config["results.dir"]) / f"run-{run_id}"
-
-
-def _config(tmp_path: Path, **extra) -> dict:
-    return {"profile": "tiny", "results.dir": str(tmp_path), "dataset.num-partitions": 4, "strategy.fraction-train": 0.5,
-            "strategy.round-timeout": 5.0, **extra}
-
-
-def _metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 NAMES = [f"supernode-{i}" for i in range(4)]
@@ -158,7 +72,7 @@ def real_training(monkeypatch):
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, real_training):
     rounds = 4
-    config = _config(tmp_path, **{"num-server-rounds": rounds})
+    config = tiny_config(tmp_path, **{"num-server-rounds": rounds})
     full = run_main(InMemoryGrid(NAMES, config, real_training), run_id=11)
 
     crashed_grid = InMemoryGrid(NAMES, config, real_training, id_base=5000)
@@ -166,7 +80,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, real_train
     with pytest.raises(KeyboardInterrupt):
         run_main(crashed_grid, run_id=12)
     crashed = tmp_path / "run-12"
-    assert [r["round"] for r in _metrics(crashed)] == [1, 2] and not (crashed / "peft_3").exists()
+    assert [r["round"] for r in metrics_of(crashed)] == [1, 2] and not (crashed / "peft_3").exists()
 
     resumed_grid = InMemoryGrid(NAMES, dict(config, **{"resume-from": str(crashed / "peft_2")}), real_training, id_base=9000)
     resumed = run_main(resumed_grid, run_id=13)
@@ -174,7 +88,9 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, real_train
     final, reference = load_adapter_tensors(resumed / f"peft_{rounds}"), load_adapter_tensors(full / f"peft_{rounds}")
     assert final.keys() == reference.keys() and all(np.array_equal(final[k], reference[k]) for k in final)
     assert {r for r, _ in resumed_grid.sent} == {3, 4}  # rounds 1-2 were not trained again
-    ours, theirs = _metrics(resumed), _metrics(full)
+    ours, theirs = metrics_of(resumed), metrics_of(full)
+    # Honest training at the tiny profile's learning rates: the default norm bound clips nothing.
+    assert all(c["update_scale"] == 1.0 and c["update_norm"] < 0.5 * r["norm_bound"] for r in theirs for c in r["clients"])
     assert [r["round"] for r in ours] == list(range(1, rounds + 1))
     for a, b in zip(ours, theirs, strict=True):  # same LR, same nodes, same budget
         assert a["lr"] == b["lr"] and a["cumulative_mib"] == b["cumulative_mib"]
@@ -185,10 +101,10 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, real_train
 
 
 def test_lost_replies_aggregate_the_others_and_count_only_moved_bytes(tmp_path, fast_init):
-    config = _config(tmp_path, **{"num-server-rounds": 1, "strategy.fraction-train": 1.0})
+    config = tiny_config(tmp_path, **{"num-server-rounds": 1, "strategy.fraction-train": 1.0})
     faults = {"supernode-1": "drop", "supernode-2": "lost"}
     run = run_main(InMemoryGrid(NAMES, config, fake_client, lambda name, r, a: faults.get(name)), run_id=21)
-    [record] = _metrics(run)
+    [record] = metrics_of(run)
     fmt = client_app.load_settings(config).comm.format
     down = comm.transfer_bytes(comm.shapes_of(fast_init), comm.download_format(fmt))
     up = comm.transfer_bytes(comm.shapes_of(fast_init), fmt)
@@ -202,15 +118,15 @@ def test_lost_replies_aggregate_the_others_and_count_only_moved_bytes(tmp_path, 
     # Weights over the replies that arrived only: partitions 0 and 3 with 10 and 40 examples.
     final = load_adapter_tensors(run / "peft_1")
     key = next(iter(fast_init))
-    assert np.allclose(final[key], fast_init[key] + (0 * 10 + 3 * 40) / 50)
+    assert np.allclose(final[key], fast_init[key] + FAKE_STEP * (0 * 10 + 3 * 40) / 50)
     assert json.loads((run / "summary.json").read_text())["failures"] == 2
 
 
 def test_too_few_replies_are_skipped_never_aggregated(tmp_path, fast_init):
-    config = _config(tmp_path, **{"num-server-rounds": 3, "strategy.min-replies": 2, "strategy.on-too-few-replies": "skip"})
+    config = tiny_config(tmp_path, **{"num-server-rounds": 3, "strategy.min-replies": 2, "strategy.on-too-few-replies": "skip"})
     grid = InMemoryGrid(NAMES, config, fake_client, lambda name, r, a: "error" if r == 2 and name != "supernode-0" else None)
     run = run_main(grid, run_id=31)
-    records = _metrics(run)
+    records = metrics_of(run)
     assert [r["status"] for r in records] == ["aggregated", "skipped", "aggregated"]
     assert records[1]["attempts"] == 1 and records[1]["train_loss"] is None and records[1]["clients"] == []
     peft1, peft2 = load_adapter_tensors(run / "peft_1"), load_adapter_tensors(run / "peft_2")
@@ -220,31 +136,33 @@ def test_too_few_replies_are_skipped_never_aggregated(tmp_path, fast_init):
 
 
 def test_too_few_replies_are_retried_with_a_new_sample(tmp_path, fast_init):
-    config = _config(tmp_path, **{"num-server-rounds": 1, "strategy.min-replies": 2, "strategy.max-retries": 2})
+    config = tiny_config(tmp_path, **{"num-server-rounds": 1, "strategy.min-replies": 2, "strategy.max-retries": 2})
     grid = InMemoryGrid(NAMES, config, fake_client, lambda name, r, a: "drop" if a == 0 else None)
-    [record] = _metrics(run_main(grid, run_id=41))
+    [record] = metrics_of(run_main(grid, run_id=41))
     assert record["status"] == "aggregated" and record["attempts"] == 2 and record["failures"] == 2
     assert len(record["clients"]) == 2 and len(grid.sent) == 4
 
     always = InMemoryGrid(NAMES, dict(config, **{"results.dir": str(tmp_path / "b")}), fake_client, lambda *a: "drop")
-    [record] = _metrics(run_main(always, run_id=42))
+    with pytest.raises(RunFailed, match="no round aggregated"):  # the run trained nothing: it failed
+        run_main(always, run_id=42)
+    [record] = metrics_of(tmp_path / "b" / "run-42")
     assert record["status"] == "skipped" and record["attempts"] == 3 and record["failures"] == 6
 
 
 def test_too_few_replies_can_stop_the_run_resumably(tmp_path, fast_init):
-    config = _config(tmp_path, **{"num-server-rounds": 3, "strategy.on-too-few-replies": "fail"})
+    config = tiny_config(tmp_path, **{"num-server-rounds": 3, "strategy.on-too-few-replies": "fail"})
     grid = InMemoryGrid(NAMES, config, fake_client, lambda name, r, a: "drop" if r == 2 else None)
     with pytest.raises(TooFewReplies, match="strategy.min-replies=1"):
         run_main(grid, run_id=51)
     run = tmp_path / "run-51"
-    assert [r["status"] for r in _metrics(run)] == ["aggregated", "failed"]
+    assert [r["status"] for r in metrics_of(run)] == ["aggregated", "failed"]
     summary = json.loads((run / "summary.json").read_text())
     assert "round 2" in summary["stopped"] and summary["rounds_completed"] == 1 and (run / "peft_1" / RUN_STATE).is_file()
 
 
 @pytest.fixture
 def checkpoint_run(tmp_path, fast_init):
-    config = _config(tmp_path, **{"num-server-rounds": 3})
+    config = tiny_config(tmp_path, **{"num-server-rounds": 3})
     grid = InMemoryGrid(NAMES, config, fake_client)
     grid.crash_at_round = 2
     with pytest.raises(KeyboardInterrupt):
@@ -298,16 +216,17 @@ def test_resume_names_what_is_wrong_with_the_checkpoint(checkpoint_run, fast_ini
     shutil.copytree(peft, other)
     from safetensors.numpy import save_file
 
-    save_file({"base_model.model.layer.lora_A.weight": np.zeros((3, 4), np.float32)}, str(other / "adapter_model.safetensors"))
+    key = next(iter(fast_init))
+    save_file({key: np.zeros((3, 4), np.float32)}, str(other / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError) as info:
         resume(other, 75)
-    assert "lora_B.weight" in str(info.value) and "expected (2, 4), found (3, 4)" in str(info.value)
+    assert "lora_B.weight" in str(info.value) and f"expected {fast_init[key].shape}, found (3, 4)" in str(info.value)
 
 
 def test_unwritable_results_dir_fails_before_any_node_works(tmp_path, fast_init):
     blocker = tmp_path / "a-file"  # a path under a regular file cannot be created, even by root
     blocker.write_text("")
-    grid = InMemoryGrid(NAMES, _config(blocker / "results"), fake_client)
+    grid = InMemoryGrid(NAMES, tiny_config(blocker / "results"), fake_client)
     with pytest.raises(PermissionError, match="results.dir .*a-file/results.*: cannot write"):
         run_main(grid, run_id=81)
     assert grid.sent == []
@@ -383,9 +302,9 @@ def _bad_reply(kind: str):
     ],
 )
 def test_a_bad_reply_is_a_failed_node_never_an_aggregate(tmp_path, fast_init, kind, reason):
-    config = _config(tmp_path, **{"num-server-rounds": 2, "strategy.fraction-train": 1.0})
+    config = tiny_config(tmp_path, **{"num-server-rounds": 2, "strategy.fraction-train": 1.0})
     run = run_main(InMemoryGrid(NAMES, config, _bad_reply(kind)), run_id=91)
-    records = _metrics(run)
+    records = metrics_of(run)
     assert [r["status"] for r in records] == ["aggregated", "aggregated"]  # the run goes on with the others
     for record in records:
         [failure] = record["failed"]
@@ -394,12 +313,12 @@ def test_a_bad_reply_is_a_failed_node_never_an_aggregate(tmp_path, fast_init, ki
     # Two rounds of updates 0, 2 and 3 weighted by 10, 30 and 40 examples: nothing of node 1.
     final = load_adapter_tensors(run / "peft_2")
     for key, start in fast_init.items():
-        assert np.isfinite(final[key]).all() and np.allclose(final[key], start + 2 * (0 * 10 + 2 * 30 + 3 * 40) / 80)
+        assert np.isfinite(final[key]).all() and np.allclose(final[key], start + 2 * FAKE_STEP * (0 * 10 + 2 * 30 + 3 * 40) / 80)
 
 
 def test_num_examples_bound_is_configurable(tmp_path, fast_init):
-    config = _config(tmp_path, **{"num-server-rounds": 1, "strategy.fraction-train": 1.0, "strategy.max-num-examples": 25})
-    [record] = _metrics(run_main(InMemoryGrid(NAMES, config, fake_client), run_id=92))
+    config = tiny_config(tmp_path, **{"num-server-rounds": 1, "strategy.fraction-train": 1.0, "strategy.max-num-examples": 25})
+    [record] = metrics_of(run_main(InMemoryGrid(NAMES, config, fake_client), run_id=92))
     assert sorted(c["partition_id"] for c in record["clients"]) == [0, 1]  # 30 and 40 examples exceed 25
     assert all("exceeds the bound 25 (strategy.max-num-examples)" in f["reason"] for f in record["failed"])
 
@@ -415,12 +334,13 @@ def round_update_error(tmp_path: Path, real_training, fmt: str, reference: str =
 
     updates = {}
     for run_id, wire in enumerate((reference, fmt), start=101):
-        config = with_explicit_keys(_config(tmp_path / wire, **{
+        config = with_explicit_keys(tiny_config(tmp_path / wire, **{
             "num-server-rounds": 2, "dataset.num-partitions": 3, "strategy.fraction-train": 1.0,
             "train.learning-rate-max": 5e-5, "train.learning-rate-min": 1e-6, "comm.format": wire,
         }))
         run = run_main(InMemoryGrid(NAMES[:3], config, real_training), run_id=run_id)
         assert client_app.load_settings(config).train.learning_rate_max == 5e-5  # not the profile's 0.1
+        assert all(r["clipped"] == 0 for r in metrics_of(run))  # honest at the seed's learning rates
         peft1, peft2 = load_adapter_tensors(run / "peft_1"), load_adapter_tensors(run / "peft_2")
         updates[wire] = {k: peft2[k] - peft1[k] for k in peft1}
     errors: dict[str, list[float]] = {}
@@ -443,9 +363,9 @@ def test_narrow_wire_keeps_the_round_update_at_the_seed_learning_rates(tmp_path,
 def test_every_server_wait_has_a_deadline_and_says_what_it_waited_for(tmp_path, fast_init, monkeypatch):
     monkeypatch.setattr(server_app, "NODE_WAIT_SECONDS", 0.5)
     with pytest.raises(server_app.NodesUnavailable, match=r"initial adapter: 0 SuperNode\(s\) online after 0.5 s, 1 needed"):
-        run_main(InMemoryGrid([], _config(tmp_path), fake_client), run_id=111)
+        run_main(InMemoryGrid([], tiny_config(tmp_path), fake_client), run_id=111)
 
-    silent = InMemoryGrid(NAMES, _config(tmp_path, **{"strategy.round-timeout": 1.0}), fake_client)
+    silent = InMemoryGrid(NAMES, tiny_config(tmp_path, **{"strategy.round-timeout": 1.0}), fake_client)
     silent.push_messages = lambda messages: [m.object_id for m in messages]  # nodes that never answer
     with pytest.raises(server_app.NodesUnavailable, match=r"no SuperNode returned the initial adapter within 1 s .*no reply"):
         run_main(silent, run_id=112)
@@ -462,7 +382,7 @@ def test_every_server_wait_has_a_deadline_and_says_what_it_waited_for(tmp_path, 
             return replies
 
     with pytest.raises(server_app.NodesUnavailable, match=r"round 1: 0 SuperNode\(s\) online after 0.5 s, 1 needed"):
-        run_main(Vanishing(NAMES, _config(tmp_path), fake_client), run_id=113)
+        run_main(Vanishing(NAMES, tiny_config(tmp_path), fake_client), run_id=113)
     assert json.loads((tmp_path / "run-113" / "summary.json").read_text())["stopped"].startswith("round 1: 0 SuperNode")
 
 
@@ -489,8 +409,8 @@ def test_a_superlink_restart_during_push_or_pull_fails_the_attempt_not_the_run(t
                 raise httpx.ConnectError("connection refused")
             return super().pull_messages(message_ids)
 
-    config = _config(tmp_path, **{"num-server-rounds": 1, "strategy.max-retries": 2})
-    [record] = _metrics(run_main(Restarting(NAMES, config, fake_client), run_id=121))
+    config = tiny_config(tmp_path, **{"num-server-rounds": 1, "strategy.max-retries": 2})
+    [record] = metrics_of(run_main(Restarting(NAMES, config, fake_client), run_id=121))
     assert record["status"] == "aggregated" and record["attempts"] == 2
     assert all(f["attempt"] == 0 and "not delivered (ObjectPushError" in f["reason"] for f in record["failed"])
 
@@ -501,7 +421,7 @@ def test_resume_after_a_crash_that_cut_a_metrics_line_short(checkpoint_run, fast
     with open(metrics, "a") as handle:
         handle.write('{"round": 2, "status": "aggr')  # killed while writing round 2's line
     run = run_main(InMemoryGrid(NAMES, dict(config, **{"resume-from": str(peft)}), fake_client), run_id=93)
-    assert [r["round"] for r in _metrics(run)] == [1, 2, 3]
+    assert [r["round"] for r in metrics_of(run)] == [1, 2, 3]
     assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 3
     assert f"{metrics}: skipped 1 unreadable line(s) (the last one unfinished" in caplog.text
 

@@ -168,7 +168,7 @@ def test_resident_reply_is_one_the_server_accepts(server, monkeypatch):
     import app.client_app as client_app
     from app import comm
     from app.config import load_settings
-    from app.server_app import check_reply
+    from app.aggregation.replies import check_reply
 
     initial = RoundWorker().initial_adapter(RUN_CONFIG)
     initial = dict(reversed(list(initial.items())))  # an order that sorting changes

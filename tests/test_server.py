@@ -10,7 +10,7 @@ from app.results import checkpoint
 from app.config import load_settings
 from app.training.model import LLAMA3_8B_SHAPE, adapter_shapes, adapter_state, build_peft_model, load_base_model
 from app.results.metrics import MIB
-from app.server_app import apply_mean_update
+from app.aggregation.aggregate import apply_mean_update
 
 
 def test_mean_update_uses_example_counts_and_keeps_the_master_float32():
