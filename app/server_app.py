@@ -47,7 +47,7 @@ from app.aggregation.initial import INITIAL_ASK, InitialAdapterVote
 from app.aggregation.outcome import failure_reasons, run_failure
 from app.aggregation.replies import ReplyRejected, check_reply, quote
 from app.config import Settings, load_settings
-from app.node.flwr_patches import PATCHED_VERSION, shorten_pull_retry
+from app.node.flwr_patches import PATCHED_VERSION, bound_reply_pulls, shorten_pull_retry
 from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.results.metrics import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
@@ -57,6 +57,8 @@ State = Mapping[str, np.ndarray]
 
 # The ServerApp's own short poll instead of Grid.send_and_receive's fixed 3 s sleep.
 POLL_SECONDS = 0.25
+# What a reply holds beside its arrays (wire index, metrics, records): far less than this.
+REPLY_SLACK_BYTES = 1 << 20
 # How long a round, or the initial adapter, waits for enough SuperNodes to be online.
 NODE_WAIT_SECONDS = 600.0
 # Once one node is online, how long the initial adapter waits for INITIAL_ASK to compare.
@@ -384,7 +386,13 @@ def main(grid: Grid, context: Context) -> None:
     log.info("results in %s", run_dir)
 
     started = time.perf_counter()
+    # Replies are bounded before they are pulled (app/node/flwr_patches.py): the initial adapter by
+    # what comm accepts at most, each round's update by its known size.
+    bound_reply_pulls(http_grid, max_bytes=4 * comm.MAX_ADAPTER_VALUES + REPLY_SLACK_BYTES, max_arrays=1)
     initial, init_bytes = request_initial_adapter(grid, settings)
+    if bound_reply_pulls(http_grid, max_bytes=2 * comm.transfer_bytes(comm.shapes_of(initial), settings.comm.format) + REPLY_SLACK_BYTES,
+                         max_arrays=1 if settings.comm.layout == "packed" else len(initial)):
+        log.info("replies larger than twice an update are refused before they are pulled")
     strategy = FedTuneProx(settings, run_dir)
     master, first_round = initial, 1
     if resume is not None:
