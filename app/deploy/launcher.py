@@ -249,12 +249,15 @@ class Federation:
         """SIGTERM every process and its descendants (some start their own sessions), then SIGKILL."""
         import psutil
 
-        tree = []
+        # The launcher's own children too: a `flwr ls` that a Ctrl-C caught while it was being
+        # started has no Popen object left to kill it, and outlived the launcher under load.
+        tree = psutil.Process().children(recursive=True)
         for proc in self.processes.values():
             try:
                 tree += [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
             except psutil.NoSuchProcess:
                 continue
+        tree = list(dict.fromkeys(tree))  # each once (psutil.Process hashes by pid and start time)
         for proc in self.processes.values():
             _signal_group(proc, signal.SIGTERM)
         for proc in tree:
