@@ -97,11 +97,12 @@ def check_dataset_file(path: Path) -> None:
     """Raise DataError unless `path` is a dataset file that training can read: it exists, parses
     as its type, and has medalpaca's columns. For the launcher, before anything starts: the file
     is the user's own, so the message names the columns it has."""
-    import datasets  # noqa: F401 - its import sets its logger's level: before ours
+    import datasets  # its import sets its logger's level: before ours
 
     datasets_log = logging.getLogger("datasets")  # it logs the parse error too: the DataError says it once
-    level = datasets_log.level
+    level, bars = datasets_log.level, datasets.is_progress_bar_enabled()
     datasets_log.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()  # a bar for a check of a second is noise, even on a terminal
     try:
         dataset = _load_file(path)
     except DataError:
@@ -116,6 +117,8 @@ def check_dataset_file(path: Path) -> None:
         raise DataError(f"dataset file {path}: cannot be read as {path.suffix.lstrip('.')} ({cause})") from exc
     finally:
         datasets_log.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
     if missing := _missing_columns(dataset):
         raise DataError(f"dataset file {path}: has columns {dataset.column_names}, missing {missing} "
                         f"(expected medalpaca's columns {list(REQUIRED_COLUMNS)})")
