@@ -433,6 +433,32 @@ def gpu_ids(text: str) -> list[str]:
     return [g.strip() for g in text.split(",") if g.strip()] if text else []
 
 
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _gpu_list(text: str) -> str:
+    """`0,1,3` (or GPU UUIDs, as CUDA_VISIBLE_DEVICES takes them)."""
+    import argparse
+    import re
+
+    if not all(re.fullmatch(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+", g.strip()) for g in text.split(",") if g.strip()):
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1,2 (or GPU UUIDs), got {text!r}")
+    return text
+
+
 class Progress:
     """`label k/n` while a phase runs: redrawn in place on a terminal, else a line at the first
     and last step and at most one every `every` seconds between."""
@@ -632,32 +658,6 @@ def run_submit(args) -> int:
         return 1
     print(f"run {run_id}: {status}", flush=True)
     return 0 if status == "finished:completed" else 1
-
-
-def _positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or value <= 0:
-            import argparse
-
-            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, got {text!r}")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
-def _gpu_list(text: str) -> str:
-    """`0,1,3` (or GPU UUIDs, as CUDA_VISIBLE_DEVICES takes them)."""
-    import argparse
-    import re
-
-    if not all(re.fullmatch(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+", g.strip()) for g in text.split(",") if g.strip()):
-        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1,2 (or GPU UUIDs), got {text!r}")
-    return text
 
 
 def _common(parser) -> None:
