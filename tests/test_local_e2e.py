@@ -57,6 +57,11 @@ def test_run_completes_with_progress(finished_run):
     assert f"SuperNodes online: {NODES}/{NODES}" in output
     assert "round   1:" in output and f"round   {ROUNDS}:" in output
     assert len(runs) == 1
+    # issue 25: a line per starting phase, and no library noise on the console (not a terminal: no bars)
+    for phase in (f"SuperNode keys registered: {NODES}/{NODES}", "SuperLink: listening on", ": loading tiny", ": loaded tiny in"):
+        assert phase in output
+    for noise in ("No module named 'kernels'", "FutureWarning", "Loading weights", "it/s]", "q/s]", "Traceback"):
+        assert noise not in output
 
 
 def test_outputs_and_budget(finished_run):

@@ -26,11 +26,11 @@ from collections.abc import Callable
 from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
-from app.config import ASSIGNED_GPU_ENV, ConfigError, load_settings, parse_overrides, with_explicit_keys
+from app.config import ASSIGNED_GPU_ENV, ConfigError, Settings, load_settings, parse_overrides, with_explicit_keys
 from app.node.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
 from app.node.lifeline import die_with_parent
 from app.results.metrics import read_jsonl_from
-from app.evaluation.run_eval import add_eval_options
+from app.evaluation.run_eval import add_eval_options, failures_by_reason
 from app.node.read_policy import READ_DIRS_ENV, run_reads
 
 APP_DIR = Path(__file__).resolve().parents[2]  # holds pyproject.toml: what `flwr run` builds
@@ -199,6 +199,7 @@ class Federation:
     restarts: dict[str, int] = field(default_factory=dict)
     quick_failures: dict[str, int] = field(default_factory=dict)
     pending: dict[str, float] = field(default_factory=dict)  # name -> when to restart it
+    watchers: list[Callable[[], None]] = field(default_factory=list)  # called at each check (progress from logs)
 
     def start(self, name: str, command: list[str] | Callable[[], list[str]], env: dict[str, str]) -> None:
         make = command if callable(command) else lambda: command
@@ -217,6 +218,8 @@ class Federation:
         did, after a back-off: a killed SuperNode is refused until the SuperLink has seen its
         heartbeats stop (up to a minute), so its first restarts may fail fast."""
         out = out or sys.stdout
+        for watch in self.watchers:
+            watch()
         now = time.monotonic()
         for name, proc in list(self.processes.items()):
             if name in self.pending:
@@ -384,13 +387,32 @@ def _not_started(run_id: str, waited: float, env: dict[str, str]) -> str:
 
 
 def _round_line(r: dict[str, Any], metrics: Path) -> str:
+    """The round's line, then a line per node failure reason this run has not shown before."""
     try:
         loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
-        return (f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
+        line = (f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
                 f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
                 f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s")
     except (KeyError, TypeError, ValueError) as exc:  # a record of another version, or edited by hand
-        return f"round {r.get('round', '?')}: (record in {metrics} lacks or mistypes a field: {type(exc).__name__}: {exc})"
+        line = f"round {r.get('round', '?')}: (record in {metrics} lacks or mistypes a field: {type(exc).__name__}: {exc})"
+    return "\n".join([line, *new_failure_lines(r, metrics)])
+
+
+def new_failure_lines(record: dict[str, Any], metrics: Path) -> list[str]:
+    """`  <node> failed: <reason>` for each reason of `record` that no earlier round of the run
+    had. Earlier rounds come from metrics.jsonl itself (a few KB a round), so this holds no state
+    across calls and a resumed run does not repeat the reasons of the rounds it continues."""
+    if not record.get("failed") or not isinstance(record.get("round"), int):
+        return []
+    earlier = [r for r in read_jsonl_from(metrics).records if isinstance(r.get("round"), int) and r["round"] < record["round"]] \
+        if metrics.exists() else []
+    seen = failures_by_reason(earlier)
+    lines = []
+    for reason, nodes in failures_by_reason([record]).items():
+        if reason not in seen:
+            more = f" (and {len(nodes) - 1} more node{'s' * (len(nodes) > 2)})" if len(nodes) > 1 else ""
+            lines.append(f"  {nodes[0]}{more} failed: {reason}")
+    return lines
 
 
 def submit(env: dict[str, str], run_config: dict[str, Any], app_dir: Path = APP_DIR) -> str:
@@ -481,37 +503,159 @@ def check_resume(run_config: dict[str, Any], results: Path) -> str | None:
     return None
 
 
-def local_up(args) -> int:
+def _one_line(text: str) -> str:
+    """A multi-line message (a list under a heading) as one line."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return "".join(line + ("" if i == len(lines) - 1 else " " if line.endswith(":") else "; ") for i, line in enumerate(lines))
+
+
+def check_results_dir(results: Path) -> str | None:
+    """Why `--results` cannot hold this run's outputs, or None (checked before anything starts)."""
+    try:
+        results.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=results):
+            pass
+    except OSError as exc:
+        return f"--results {results}: cannot write there ({exc.strerror or exc}); expected a directory you may write to"
+    return None
+
+
+def check_training_data(settings: Settings, data_flag: str | None) -> str | None:
+    """Why the run's own dataset file (`--data`, or `dataset.path` in --run-config) cannot be
+    trained on, or None; read with the nodes' own code, before any process starts."""
+    from app.training.data import DataError, check_dataset_file
+
+    if not settings.dataset.path:
+        return None
+    flag = "--data" if data_flag else "--run-config dataset.path"
+    try:
+        check_dataset_file(Path(settings.dataset.path))
+    except DataError as exc:
+        return f"{flag}: {exc}"
+    return None
+
+
+def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
+    """The run config and settings of `fedtune local up`, or the one line that says which flag or
+    file is wrong and what was expected."""
     try:
         run_config = build_run_config(args.profile, args.rounds, args.data, Path(args.results), args.run_config, args.resume_from)
-        settings = load_settings(run_config)  # validate before anything starts
-    except ConfigError as exc:
-        print(f"fedtune: {exc}", file=sys.stderr)
-        return 2
-    gpus = [g for g in args.gpus.split(",") if g.strip()] if args.gpus else []
-    if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
-        run_config["dataset.num-partitions"] = args.supernodes
-    settings = load_settings(run_config)
+        settings = load_settings(run_config)
+        if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
+            run_config["dataset.num-partitions"] = args.supernodes  # one partition per SuperNode
+            settings = load_settings(run_config)
+    except ConfigError as exc:  # the flags are checked by argparse: what is left came with --run-config
+        return f"--run-config: {_one_line(exc)}"
+    gpus = gpu_ids(args.gpus)
     if gpus:  # issue 7: refuse before anything starts when the nodes' models do not fit
         from app.deploy.gpu_plan import preflight
 
         if (refused := preflight(settings, args.supernodes, gpus)) is not None:
-            print(f"fedtune: {refused}", file=sys.stderr)
-            return 2
+            return f"--gpus {args.gpus}: {_one_line(refused)}"
     if (refused := check_resume(run_config, Path(args.results))) is not None:
-        print(f"fedtune: {refused}", file=sys.stderr)
+        refused = _one_line(refused)
+        return f"--{refused}" if refused.startswith("resume-from") else f"--resume-from {args.resume_from}: {refused}"
+    if (refused := check_training_data(settings, args.data)) is not None:
+        return refused
+    # last: it makes the directory, which a refused launch leaves alone
+    if (refused := check_results_dir(Path(args.results).resolve())) is not None:
+        return refused
+    return run_config, settings
+
+
+def gpu_ids(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()] if text else []
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"expected a positive {'integer' if kind is int else 'number'}, got {text!r}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _gpu_list(text: str) -> str:
+    """`0,1,3` (or GPU UUIDs, as CUDA_VISIBLE_DEVICES takes them)."""
+    import argparse
+    import re
+
+    if not all(re.fullmatch(r"\d+|(GPU|MIG)-[0-9A-Za-z/-]+", g.strip()) for g in text.split(",") if g.strip()):
+        raise argparse.ArgumentTypeError(f"expected comma-separated GPU ids like 0,1,2 (or GPU UUIDs), got {text!r}")
+    return text
+
+
+class Progress:
+    """`label k/n` while a phase runs: redrawn in place on a terminal, else a line at the first
+    and last step and at most one every `every` seconds between."""
+
+    def __init__(self, label: str, total: int, out=None, every: float = 10.0) -> None:
+        self.label, self.total, self.every = label, total, every
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
+        self.last = -every
+
+    def step(self, done: int, note: str = "") -> None:
+        text = f"{self.label}: {done}/{self.total}{note}"
+        if self.tty:
+            print("\r" + text, end="\n" if done >= self.total else "", file=self.out, flush=True)
+        elif done in (1, self.total) or time.monotonic() - self.last >= self.every:
+            print(text, file=self.out, flush=True)
+            self.last = time.monotonic()
+
+
+class NodeLogWatcher:
+    """Shows the model-loading lines of the SuperNodes' logs (app/training/worker.py writes them):
+    on a big model that is minutes in which the run shows no round yet."""
+
+    def __init__(self, log_dir: Path, nodes: int, out=None) -> None:
+        self.logs = {f"supernode-{i}": log_dir / f"supernode-{i}.log" for i in range(nodes)}
+        self.offsets = dict.fromkeys(self.logs, 0)
+        self.out = out or sys.stdout
+
+    def __call__(self) -> None:
+        from app.training.worker import MODEL_LOG_PREFIX
+
+        for name, path in self.logs.items():
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(self.offsets[name])
+                    data = handle.read()
+            except OSError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]
+            self.offsets[name] += len(complete)
+            for line in complete.decode("utf-8", "replace").splitlines():
+                if MODEL_LOG_PREFIX in line:
+                    print(f"{name}: {line.split(MODEL_LOG_PREFIX, 1)[1].strip()}", file=self.out, flush=True)
+
+
+def local_up(args) -> int:
+    checked = check_local_up(args)
+    if isinstance(checked, str):
+        print(f"fedtune: {checked}", file=sys.stderr)
         return 2
+    run_config, settings = checked
+    gpus = gpu_ids(args.gpus)
     if args.insecure:
         print("WARNING: --insecure: Flower APIs run without TLS or SuperNode authentication", file=sys.stderr)
 
     results = Path(args.results).resolve()
-    results.mkdir(parents=True, exist_ok=True)
     # Flower state, CLI config and logs of this launch; every process gets FLWR_HOME inside it.
     # A fresh directory per launch (mkdtemp): two launches in one second share nothing.
     (results / ".local").mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=results / ".local"))
     log_dir = work / "logs"
     log_dir.mkdir()
+    print(f"logs: {log_dir}", flush=True)
     env = flower_env(work / "flwr-home")
     # a local launch is its own site: its nodes may read what its command line names
     env[READ_DIRS_ENV] = os.pathsep.join([*(str(Path(v).expanduser().resolve().parent) for _, v in run_reads(settings)),
@@ -519,9 +663,15 @@ def local_up(args) -> int:
     # Keys live outside the results directory, which users archive and share: a private (0700)
     # directory of their own, removed on exit unless --keep-keys.
     keys = None if args.insecure else Path(tempfile.mkdtemp(prefix="fedtune-keys-"))
-    paths = None if keys is None else ensure_certs(keys, ["127.0.0.1"], num_supernodes=args.supernodes)
+    if keys is not None:
+        started = time.monotonic()
+        paths = ensure_certs(keys, ["127.0.0.1"], num_supernodes=args.supernodes)
+        print(f"certificates: a CA, the SuperLink's and {args.supernodes} SuperNode keys ({time.monotonic() - started:.0f} s)", flush=True)
+    else:
+        paths = None
     security = _INSECURE if paths is None else _secure(paths)
     federation = Federation(log_dir)
+    federation.watchers.append(NodeLogWatcher(log_dir, args.supernodes))
     # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
     # the SuperExec holds the ServerApp: if it dies the run is lost (resume-from continues it).
     essential = ("superexec",)
@@ -535,8 +685,10 @@ def local_up(args) -> int:
             env,
         )
         address = f"127.0.0.1:{port}"
+        print(f"SuperLink: listening on {address}", flush=True)
         write_cli_config(work / "flwr-home", address, security["root"])
         federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], serverapp_env(env))
+        registering = Progress("SuperNode keys registered", args.supernodes)
         for i in range(args.supernodes):
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
@@ -544,6 +696,7 @@ def local_up(args) -> int:
                 node_env.setdefault(POLL_ENV, GPU_POLL_SECONDS)  # set empty: Flower's own 3 s (app/node/flwr_patches.py)
             if paths is not None:  # only registered keys may join: register before the node starts
                 register_node(paths, i, env, federation, essential)
+                registering.step(i + 1)
             federation.start(
                 f"supernode-{i}",
                 lambda i=i: [sys.executable, "-m", "app.cli", "supernode", "--", *security["supernode"](i), "--superlink", address,
@@ -551,7 +704,6 @@ def local_up(args) -> int:
                              "--node-config", f"partition-id={i} num-partitions={settings.dataset.num_partitions}"],
                 node_env,
             )
-        print(f"logs: {log_dir}", flush=True)
         wait_for_nodes(args.supernodes, env, federation, essential, args.connect_timeout)
         run_id = submit(env, run_config)
         run_dir = results / f"run-{run_id}"
@@ -574,10 +726,10 @@ def local_up(args) -> int:
             print(f"keys kept in {keys} (private; remove them when done)", flush=True)
         elif keys is not None:
             shutil.rmtree(keys, ignore_errors=True)
-    if status == "finished:completed":  # the federation is down: its GPUs are free for the evaluation
+    if run_dir is not None and status.startswith("finished"):  # the federation is down: its GPUs are free for the evaluation
         from app.evaluation.run_eval import finish_run
 
-        return finish_run(run_dir, args, gpus)
+        return finish_run(run_dir, args, gpus, status)
     return 1
 
 
@@ -666,36 +818,53 @@ def _pending_timeout(flag: float | None) -> float:
 
 
 def _common(parser) -> None:
-    parser.add_argument("--profile", default="bio-medical-llama3-8b", help="configuration profile (bio-medical-llama3-8b | tiny)")
-    parser.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
-    parser.add_argument("--results", default="results", help="results directory (default: ./results)")
-    parser.add_argument("--run-config", default="", help='extra overrides, "key=value key2=value2"')
-    parser.add_argument("--connect-timeout", type=float, default=600.0, help="seconds to wait for the SuperNodes")
+    from app.config import PROFILES, SEED_PROFILE
+
+    parser.add_argument("--profile", default=SEED_PROFILE, choices=sorted(PROFILES),
+                        help="what to train: `tiny` (a 2-layer model on the CPU, no downloads; minutes) or "
+                             "`bio-medical-llama3-8b` (the FlowerTune seed recipe: the 8B model in 4 bits, one GPU per few nodes)")
+    parser.add_argument("--rounds", type=_positive(int), help="federated rounds (default: the profile's, 10 for the seed recipe)")
+    parser.add_argument("--results", default="results", help="directory for the run's outputs (run-<id>/, and .local/ for logs)")
+    parser.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."',
+                        help="more settings, e.g. \"strategy.fraction-train=0.5 train.seq-length=256\" (README, Configuration)")
+    parser.add_argument("--connect-timeout", type=_positive(float), default=600.0, metavar="SECONDS",
+                        help="how long to wait for every SuperNode to connect")
     parser.add_argument("--resume-from", default="", metavar="PEFT_DIR|latest",
                         help="continue a stopped run from a checkpoint <results>/run-<id>/peft_<round>; `latest`: the one "
                              "saved last under --results (empty: a new run)")
 
 
 def register(subparsers) -> None:
-    local = subparsers.add_parser("local", help="run the federation as local processes").add_subparsers(dest="local_command", required=True)
-    up = local.add_parser("up", help="start SuperLink, SuperExec and N SuperNodes; run; stop")
+    local = subparsers.add_parser("local", help="run the whole federation as processes on this machine",
+                                  description="Run the whole federation as processes on this machine.")
+    local = local.add_subparsers(dest="local_command", required=True, title="commands")
+    up = local.add_parser("up", help="start SuperLink, ServerApp and N SuperNodes; train; evaluate; report; stop",
+                          description="Start a SuperLink, the ServerApp and N SuperNodes on this machine, run the federated "
+                                      "training, evaluate the final adapter, write the report, and stop everything. "
+                                      "Try: fedtune local up --profile tiny --supernodes 2 --rounds 1")
     _common(up)
-    up.add_argument("--supernodes", type=int, default=20, help="number of SuperNodes (default 20)")
-    up.add_argument("--gpus", default="", help="comma-separated GPU ids; node i uses GPU i mod G")
-    up.add_argument("--data", help="local dataset file (json, jsonl or parquet) to partition")
+    up.add_argument("--supernodes", "--nodes", type=_positive(int), default=20, dest="supernodes",
+                    help="SuperNodes (hospitals) to start; node i trains on partition i of the data")
+    up.add_argument("--gpus", type=_gpu_list, default="", metavar="IDS",
+                    help="comma-separated GPU ids; node i uses GPU i mod G (default: none, train on the CPU)")
+    up.add_argument("--data", metavar="FILE",
+                    help="training data: a .json, .jsonl or .parquet file with `input` and `output` columns, split "
+                         "into one partition per SuperNode (default: the profile's dataset)")
     up.add_argument("--insecure", action="store_true", help="no TLS, no SuperNode authentication (prints a warning); both are on by default")
     up.add_argument("--no-eval", action="store_true", help="skip the evaluation of the final adapter (the report is still written)")
     add_eval_options(up, prefix="eval-")
     up.add_argument("--keep-keys", action="store_true", help="keep this launch's CA and keys (a private temporary directory) after exit")
     up.set_defaults(func=local_up)
 
-    run = subparsers.add_parser("run", help="submit a run to a running federation and follow it")
+    run = subparsers.add_parser("run", help="submit a run to a running federation and follow it",
+                                description="Submit a run to a federation that is already up (e.g. the Compose stack) and follow it.")
     _common(run)
     run.add_argument("--superlink", required=True, help="SuperLink Control API address, host:port")
-    run.add_argument("--nodes", type=int, help="wait for this many SuperNodes before submitting; sets dataset.num-partitions "
-                     "unless --run-config does (default: the run's dataset.num-partitions)")
+    run.add_argument("--supernodes", "--nodes", dest="nodes", type=_positive(int),
+                     help="wait for this many SuperNodes before submitting; sets dataset.num-partitions "
+                          "unless --run-config does (default: the run's dataset.num-partitions)")
     run.add_argument("--root-certificates", help="CA certificate of the SuperLink (omit only with --insecure)")
-    run.add_argument("--insecure", action="store_true")
+    run.add_argument("--insecure", action="store_true", help="connect without TLS (only to a SuperLink started with --insecure)")
     run.add_argument("--pending-timeout", type=float, metavar="SECONDS",
                      help=f"stop and fail a run that no ServerApp has begun after this long (default: {PENDING_TIMEOUT_ENV}, "
                           f"else {PENDING_TIMEOUT:.0f})")

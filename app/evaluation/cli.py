@@ -39,13 +39,13 @@ def register(subparsers) -> None:
                         help="4 (the leaderboard's setting; float32 compute as the reference), 8 (float16), 0 (none)")
     parser.add_argument("--batch-size", type=_positive_int, default=16,
                         help="the reference's chunk size: each chunk's answers get as many tokens as its first gold")
-    parser.add_argument("--data-dir", type=Path, default=None,
+    parser.add_argument("--benchmarks-dir", "--data-dir", type=Path, default=None, dest="data_dir", metavar="DIR",
                         help="read <dataset>.jsonl or <dataset>.parquet (Hugging Face source schema) from here instead of the hub")
     parser.add_argument("--limit", type=_positive_int, default=None, help="only the first N questions of each dataset")
     parser.add_argument("--exact", action="store_true",
                         help="one prompt at a time through model.generate, as the reference (slow, same numerics)")
-    parser.add_argument("--run-name", default="fl")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/eval"))
+    parser.add_argument("--run-name", default="fl", help="suffix of the output files' names (generation_<dataset>_<run-name>.jsonl)")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/eval"), help="where generations, accuracies and summary.json go")
     fast = parser.add_argument_group("fast path (without --exact)")
     fast.add_argument("--batch-tokens", type=_positive_int, default=None,
                       help="padded prompt tokens per forward pass (default 16384)")

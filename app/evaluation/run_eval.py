@@ -10,12 +10,15 @@ merged into `<run>/eval/summary.json`, which the report reads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from app.evaluation.cli import DEFAULT_DATASETS
 from app.results.metrics import write_json_atomic
@@ -147,15 +150,86 @@ def evaluate_and_report(run_dir: Path, *, exact: bool, limit: int | None, data_d
     return 0
 
 
-def finish_run(run_dir: Path, args, gpus: list[str]) -> int:
-    """`fedtune local up` after its last round: evaluate and report, or (--no-eval) report only."""
-    if args.no_eval:
-        from app.results.report import write_report
+def run_failure(run_dir: Path, status: str) -> str | None:
+    """Why the run trained nothing worth evaluating, or None: the SuperLink's status, the
+    ServerApp's summary.json (`stopped`, no aggregated round), or no summary at all."""
+    summary_path = run_dir / "summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"the run ended {status} without a readable {summary_path} ({exc})"
+    if not isinstance(summary, dict):
+        return f"{summary_path}: expected a JSON object"
+    if summary.get("stopped"):
+        return f"the run stopped: {summary['stopped']}"
+    if status != "finished:completed":
+        return f"the run ended {status}"
+    if not summary.get("rounds_aggregated"):
+        return "no round aggregated: the adapter is the untrained initial one"
+    return None
 
+
+# flwr's form of an exception raised in a ClientApp: `error 2: <class 'pkg.Name'>:<'message'>`
+_FLWR_ERROR = re.compile(r"error \d+: <class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>", re.DOTALL)
+
+
+def readable_reason(reason: str) -> str:
+    """A node failure reason as a person reads it: `Name: message` for flwr's exception form."""
+    match = _FLWR_ERROR.fullmatch(reason.strip())
+    return f"{match[1]}: {match[2]}" if match else reason
+
+
+def failures_by_reason(records: list[dict[str, Any]]) -> dict[str, list[str]]:
+    """Each distinct node failure reason of these metrics.jsonl records -> the nodes it hit, in order."""
+    reasons: dict[str, list[str]] = {}
+    for record in records:
+        failed = record.get("failed")
+        for entry in failed if isinstance(failed, list) else []:
+            if isinstance(entry, dict) and entry.get("reason"):
+                nodes = reasons.setdefault(readable_reason(str(entry["reason"])), [])
+                if (node := str(entry.get("node", entry.get("node_id", "?")))) not in nodes:
+                    nodes.append(node)
+    return reasons
+
+
+def failure_reasons(run_dir: Path) -> list[str]:
+    """Each distinct node failure reason of the run (summary.json's failure_reasons when it has
+    them, else metrics.jsonl's failed entries), with the nodes it hit."""
+    from app.results.metrics import read_jsonl
+
+    summary_path, metrics = run_dir / "summary.json", run_dir / "metrics.jsonl"
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        listed = json.loads(summary_path.read_text()).get("failure_reasons")
+        if isinstance(listed, list) and listed and all(isinstance(r, str) for r in listed):
+            return listed
+    by_reason = failures_by_reason(read_jsonl(metrics)) if metrics.is_file() else {}
+    return [f"{', '.join(nodes[:3])}{f' and {len(nodes) - 3} more' if len(nodes) > 3 else ''}: {reason}"
+            for reason, nodes in by_reason.items()]
+
+
+def finish_run(run_dir: Path, args, gpus: list[str], status: str = "finished:completed", out=None) -> int:
+    """`fedtune local up` after its last round: evaluate and report, or (--no-eval) report only.
+    A run that failed or trained nothing exits 1 with the reasons; its adapter is not evaluated."""
+    from app.results.report import write_report
+
+    out = out or sys.stdout
+    if (failed := run_failure(run_dir, status)) is not None:
+        print(f"fedtune: {failed}", file=sys.stderr, flush=True)
+        for reason in failure_reasons(run_dir):
+            print(f"  {reason}", file=sys.stderr, flush=True)
+        print("evaluation skipped: nothing trained to evaluate", file=out, flush=True)
+        if (run_dir / "summary.json").is_file():  # the training part of the report, for the record
+            try:
+                for path in write_report(run_dir):
+                    print(f"report: {path}", file=out, flush=True)
+            except Exception as exc:  # noqa: BLE001 - the run's failure above is what matters
+                print(f"report not written: {type(exc).__name__}: {exc}", file=out, flush=True)
+        return 1
+    if args.no_eval:
         for path in write_report(run_dir):
-            print(f"report: {path}", flush=True)
+            print(f"report: {path}", file=out, flush=True)
         return 0
-    return evaluate_and_report(run_dir, exact=args.exact, limit=args.limit, data_dir=args.data_dir, gpus=gpus)
+    return evaluate_and_report(run_dir, exact=args.exact, limit=args.limit, data_dir=args.data_dir, gpus=gpus, out=out)
 
 
 def cmd_eval_run(args) -> int:
@@ -177,8 +251,8 @@ def add_eval_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}exact", action="store_true", dest="exact",
                         help="evaluate with the reference loop (slow, the leaderboard's numerics) instead of the fast path")
     parser.add_argument(f"--{prefix}limit", type=_positive_int, dest="limit", help="only the first N questions of each benchmark")
-    parser.add_argument(f"--{prefix}data-dir", type=Path, dest="data_dir",
-                        help="benchmark files (<dataset>.jsonl/.parquet, source schema) instead of the hub")
+    parser.add_argument("--benchmarks-dir", f"--{prefix}data-dir", type=Path, dest="data_dir", metavar="DIR",
+                        help="benchmark files (<dataset>.jsonl/.parquet, source schema) instead of the hub's")
 
 
 def register(subparsers) -> None:

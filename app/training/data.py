@@ -67,24 +67,61 @@ def round_batches(
         yield collate([examples[i] for i in picks], pad_token_id)
 
 
-def _read_file(path: Path):
+def _load_file(path: Path):
     import datasets
 
     if not path.is_file():
         raise DataError(f"dataset file {path}: not found (expected a .json, .jsonl or .parquet file)")
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        dataset = datasets.Dataset.from_json(str(path))
-    elif suffix == ".parquet":
-        dataset = datasets.Dataset.from_parquet(str(path))
-    else:
-        raise DataError(f"dataset file {path}: unsupported type {suffix!r} (expected .json, .jsonl or .parquet)")
-    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
-    if missing:
+        return datasets.Dataset.from_json(str(path))
+    if suffix == ".parquet":
+        return datasets.Dataset.from_parquet(str(path))
+    raise DataError(f"dataset file {path}: unsupported type {suffix!r} (expected .json, .jsonl or .parquet)")
+
+
+def _missing_columns(dataset: Any) -> list[str]:
+    return [c for c in REQUIRED_COLUMNS if c not in dataset.column_names]
+
+
+def _read_file(path: Path):
+    dataset = _load_file(path)
+    if missing := _missing_columns(dataset):
         # the message reaches the server: the site's own column names stay in the node's log
         log.error("dataset file %s has columns %s", path, dataset.column_names)
         raise DataError(f"dataset file {path}: missing column(s) {missing}; expected medalpaca's columns {list(REQUIRED_COLUMNS)}")
     return dataset
+
+
+def check_dataset_file(path: Path) -> None:
+    """Raise DataError unless `path` is a dataset file that training can read: it exists, parses
+    as its type, and has medalpaca's columns. For the launcher, before anything starts: the file
+    is the user's own, so the message names the columns it has."""
+    import datasets  # its import sets its logger's level: before ours
+
+    datasets_log = logging.getLogger("datasets")  # it logs the parse error too: the DataError says it once
+    level, bars = datasets_log.level, datasets.is_progress_bar_enabled()
+    datasets_log.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()  # a bar for a check of a second is noise, even on a terminal
+    try:
+        dataset = _load_file(path)
+    except DataError:
+        raise
+    except Exception as exc:  # datasets/pyarrow raise their own types for a file that does not parse
+        chain = [exc]
+        while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 10:
+            chain.append(inner)
+        # datasets wraps the parser's error (e.g. "JSON parse error: ... in row 0") in a generic one
+        said = [" ".join(str(e).split()) for e in chain[1:] + chain[:1] if str(e).strip()]
+        cause = "empty file" if path.stat().st_size == 0 else (said[0][:300] if said else type(exc).__name__)
+        raise DataError(f"dataset file {path}: cannot be read as {path.suffix.lstrip('.')} ({cause})") from exc
+    finally:
+        datasets_log.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+    if missing := _missing_columns(dataset):
+        raise DataError(f"dataset file {path}: has columns {dataset.column_names}, missing {missing} "
+                        f"(expected medalpaca's columns {list(REQUIRED_COLUMNS)})")
 
 
 def _partition(dataset: Any, partition_id: int, num_partitions: int):

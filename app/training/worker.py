@@ -7,6 +7,7 @@ resident process pays for them once; in a fresh ClientApp process it is simply u
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,9 @@ from app.training.gpu_monitor import GpuMonitor
 from app.node.read_policy import check_run_reads
 
 log = logging.getLogger(__name__)
+
+# Lines of the node's log that `fedtune local up` shows as progress (loading a model takes minutes).
+MODEL_LOG_PREFIX = "fedtune-model "
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,14 @@ class RoundWorker:
         key = (settings.model.model_dump_json(), settings.seed, settings.train.training_arguments.use_liger_kernel)
         if key != self._model_key:
             self._model = None  # free the old one before loading the next
+            print(f"{MODEL_LOG_PREFIX}loading {settings.model.name}", file=sys.stderr, flush=True)
             started = time.perf_counter()
             self._tokenizer = load_tokenizer(settings.model.name)
             self._model = build_peft_model(
                 settings.model, seed=settings.seed, use_fused_kernels=settings.train.training_arguments.use_liger_kernel
             )
             self.model_load_seconds = time.perf_counter() - started
+            print(f"{MODEL_LOG_PREFIX}loaded {settings.model.name} in {self.model_load_seconds:.1f} s", file=sys.stderr, flush=True)
             _release_cached_memory()  # loading's transient buffers
             self._model_key = key
             self._pristine = True
