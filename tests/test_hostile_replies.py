@@ -332,7 +332,7 @@ def poisoned(msg: Message) -> Message:
     state = initial_state()
     for key in state:
         if "lora_A" in key:
-            state[key] = state[key] * 1e6
+            state[key] = state[key] * 3  # within comm's value range: only the vote can catch it
     return adapter_reply(msg, state)
 
 

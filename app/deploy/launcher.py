@@ -770,8 +770,6 @@ def run_submit(args) -> int:
     try:
         run_config = build_run_config(args.profile, args.rounds, None, Path(args.results), args.run_config, args.resume_from)
         settings = load_settings(run_config)
-        if args.nodes is not None and args.nodes < 1:
-            raise LaunchError(f"--nodes {args.nodes}: expected at least 1")
         # the nodes and the run agree on the partitions: --nodes sets them unless the run config
         # does, and by default the run's partitions say how many nodes to wait for
         if args.nodes is not None and "dataset.num-partitions" not in run_config:
