@@ -9,9 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Context, Error, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+from flwr.supercore.task_identity import TaskIdentity
 
 import app.client_app as client_app
 from app import comm, server_app
@@ -116,3 +118,22 @@ def tiny_config(tmp_path: Path, **extra) -> dict:
 
 def metrics_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# Fixtures of the modules that drive the ServerApp through this grid (imported there by name).
+@pytest.fixture(autouse=True)
+def task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK, 0
+
+
+@pytest.fixture
+def fast_init(monkeypatch):
+    """Every node answers query.init with the same small tiny-shaped adapter, built without a model."""
+    state = initial_state()
+
+    def initial_adapter(msg, context):
+        arrays, wire = comm.encode(state, "float32", comm.WEIGHTS)
+        return Message(RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
+
+    monkeypatch.setattr(client_app, "initial_adapter", initial_adapter)
+    return state

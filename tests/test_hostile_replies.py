@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -26,28 +25,12 @@ from app.aggregation.replies import MAX_EXTRA_METRICS
 from app.config import load_settings
 from app.results.checkpoint import load_adapter_tensors
 from app.server_app import FedTuneProx, NodesUnavailable, RunFailed, request_initial_adapter
-from fake_grid import FAKE_STEP, SUPERLINK, InMemoryGrid, fake_client, initial_state, metrics_of, reply_with, run_main, tiny_config
+from fake_grid import (FAKE_STEP, InMemoryGrid, fake_client, fast_init, initial_state, metrics_of, reply_with, run_main,  # noqa: F401 (fixtures)
+                       task_identity, tiny_config)
 
 THREE = [f"supernode-{i}" for i in range(3)]
 HOSTILE = 1  # the partition id of the hostile site
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK, 0
-
-
-@pytest.fixture
-def fast_init(monkeypatch):
-    """Every node answers query.init with the same small tiny-shaped adapter."""
-    state = initial_state()
-
-    def initial_adapter(msg, context):
-        arrays, wire = comm.encode(state, "float32", comm.WEIGHTS)
-        return Message(RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
-
-    monkeypatch.setattr(client_app, "initial_adapter", initial_adapter)
-    return state
 
 
 def three_sites(tmp_path: Path, **extra) -> dict:

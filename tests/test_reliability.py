@@ -14,32 +14,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
-from flwr.supercore.task_identity import TaskIdentity
 
 import app.client_app as client_app
 from app import comm, server_app
 from app.results.checkpoint import RUN_STATE, CheckpointError, load_adapter_tensors
 from app.server_app import RunFailed, TooFewReplies, sample_nodes
 from app.training.worker import RoundWorker
-from fake_grid import FAKE_STEP, SUPERLINK, InMemoryGrid, fake_client, initial_state, metrics_of, reply_with, run_main, tiny_config
+from fake_grid import (FAKE_STEP, InMemoryGrid, fake_client, fast_init, initial_state, metrics_of, reply_with, run_main,  # noqa: F401 (fixtures)
+                       task_identity, tiny_config)
 
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SUPERLINK, 0
-
-
-@pytest.fixture
-def fast_init(monkeypatch):
-    """A small adapter from query.init without building a model."""
-    state = initial_state()
-
-    def initial_adapter(msg, context):
-        arrays, wire = comm.encode(state, "float32", comm.WEIGHTS)
-        return Message(RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
-
-    monkeypatch.setattr(client_app, "initial_adapter", initial_adapter)
-    return state
 
 
 NAMES = [f"supernode-{i}" for i in range(4)]
