@@ -145,3 +145,26 @@ def test_a_worker_serving_many_nodes_trains_each_as_a_fresh_one_would(monkeypatc
         assert metrics["train-loss"] == fresh_metrics["train-loss"]
         assert all(np.array_equal(state[k], fresh_state[k]) for k in state)
         assert shared_reads == shared_reads_expected
+
+
+def test_a_simulated_nodes_error_is_its_clientapps_message():
+    """flwr's simulation reports a ClientApp's exception as Ray's traceback around it (built here as
+    flwr 1.42's vce_api does); the ServerApp records the message, which says what to change."""
+    import traceback
+
+    from flwr.clientapp.client_app import ClientAppException
+    from ray.exceptions import RayTaskError
+
+    from app.aggregation.replies import error_reason
+
+    message = "node config num-partitions=2 disagrees with the run's dataset.num-partitions=20"
+    try:
+        try:
+            raise ValueError(message)
+        except ValueError as exc:
+            raise ClientAppException(str(exc)) from exc
+    except ClientAppException as exc:
+        ray_error = RayTaskError("ClientAppActor.run", traceback.format_exc(), exc).as_instanceof_cause()
+    reason = str(type(ray_error)) + ":<'" + str(ray_error) + "'>"
+    assert error_reason(reason) == message
+    assert error_reason("<class 'ValueError'>:<'" + message + "'>") == "<class 'ValueError'>:<'" + message + "'>"  # a deployed node's
