@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 import tomllib
 from collections import Counter
@@ -26,6 +27,7 @@ from app.training import data
 from app.training.worker import MODEL_LOG_PREFIX, NodeData, RoundWorker, TrainRequest
 
 ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent  # flwr and the flower-superlink it starts, as `pip install -e ".[simulation]"` put them
 NODES, ROUNDS = 20, 2  # FlowerTune's num-supernodes; 2 Ray workers (one CPU each) on 2 cores
 
 
@@ -46,6 +48,7 @@ def simulation(tmp_path_factory):
     home, results = tmp / "flwr-home", tmp / "results"
     env = dict(
         os.environ,
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         FLWR_HOME=str(home),
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
         FLWR_LOCAL_CONTROL_API_PORT=str(free_port()),
@@ -57,10 +60,10 @@ def simulation(tmp_path_factory):
     federation = f"num-supernodes={NODES} client-resources-num-cpus=1"
     started = time.perf_counter()
     try:
-        run = subprocess.run(["flwr", "run", ".", "--stream", "--run-config", run_config, "--federation-config", federation],
+        run = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "--stream", "--run-config", run_config, "--federation-config", federation],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - started
-        listed = subprocess.run(["flwr", "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        listed = subprocess.run([str(VENV_BIN / "flwr"), "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     finally:
         left = _flwr_home_processes(home)
         for proc in left:
