@@ -42,9 +42,9 @@ def _flwr_home_processes(home: Path) -> list[psutil.Process]:
     return found
 
 
-@pytest.fixture(scope="module")
-def simulation(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("simulation")
+def flwr_run(tmp: Path, run_config: str, *federation_config: str) -> tuple[str, dict, Path, float]:
+    """`flwr run . --stream` as a user types it, with this test's FLWR_HOME and ports: its output,
+    `flwr ls`'s runs, the results directory and the seconds it took. Stops the SuperLink after."""
     home, results = tmp / "flwr-home", tmp / "results"
     env = dict(
         os.environ,
@@ -56,11 +56,9 @@ def simulation(tmp_path_factory):
         FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
         RAY_DEDUP_LOGS="0",  # every worker's model-load line, not one per cluster
     )
-    run_config = f"profile='tiny' num-server-rounds={ROUNDS} results.dir='{results}'"
-    federation = f"num-supernodes={NODES} client-resources-num-cpus=1"
     started = time.perf_counter()
     try:
-        run = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "--stream", "--run-config", run_config, "--federation-config", federation],
+        run = subprocess.run([str(VENV_BIN / "flwr"), "run", ".", "--stream", "--run-config", f"{run_config} results.dir='{results}'", *federation_config],
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         seconds = time.perf_counter() - started
         listed = subprocess.run([str(VENV_BIN / "flwr"), "ls", "--format", "json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
@@ -71,9 +69,18 @@ def simulation(tmp_path_factory):
         psutil.wait_procs(left, timeout=30)
     assert not _flwr_home_processes(home)
     output = run.stdout + run.stderr
-    assert run.returncode == 0, output[-5000:]
+    assert run.returncode == 0, output[-5000:]  # flwr run exits 0 whatever the run does: `flwr ls` says
+    return output, json.loads(listed.stdout), results, seconds
+
+
+@pytest.fixture(scope="module")
+def simulation(tmp_path_factory):
+    output, listed, results, seconds = flwr_run(
+        tmp_path_factory.mktemp("simulation"), f"profile='tiny' num-server-rounds={ROUNDS}",
+        "--federation-config", f"num-supernodes={NODES} client-resources-num-cpus=1",
+    )
     print(f"flwr run . ({NODES} simulated SuperNodes, {ROUNDS} rounds): {seconds:.1f} s")
-    return output, json.loads(listed.stdout), results
+    return output, listed, results
 
 
 def test_flwr_run_trains_and_saves_the_adapter(simulation):
@@ -171,3 +178,18 @@ def test_a_simulated_nodes_error_is_its_clientapps_message():
     reason = str(type(ray_error)) + ":<'" + str(ray_error) + "'>"
     assert error_reason(reason) == message
     assert error_reason("<class 'ValueError'>:<'" + message + "'>") == "<class 'ValueError'>:<'" + message + "'>"  # a deployed node's
+
+
+def test_flwr_run_without_the_federation_size_fails_saying_what_to_pass(tmp_path):
+    """flwr 1.42's default simulation has 2 nodes, the recipe 20 partitions: the run fails, and
+    the reason in metrics.jsonl and `flwr ls` says what to pass."""
+    output, listed, results, seconds = flwr_run(tmp_path, "profile='tiny' num-server-rounds=1 strategy.max-retries=0")
+    print(f"flwr run . with flwr's 2 default nodes: {seconds:.1f} s")
+    (run,) = listed["runs"]
+    assert run["status"] == "finished:failed" and "no round aggregated" in run["status-details"], run
+    (run_dir,) = results.iterdir()
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["status"] == "skipped" and record["failed"]
+    hint = "disagrees with the run's dataset.num-partitions=20 (a `flwr run .` simulation has one partition per simulated SuperNode: " \
+           '--federation-config "num-supernodes=20")'
+    assert all(f["reason"].startswith("error 2: node config num-partitions=2 ") and f["reason"].endswith(hint) for f in record["failed"]), record["failed"]
