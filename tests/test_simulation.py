@@ -135,7 +135,7 @@ def test_ci_installs_the_simulation_extra():
     extras = project["optional-dependencies"]
     assert extras["simulation"] == ["flwr[simulation]==1.42.0"]
     assert "flwr==1.42.0" in project["dependencies"]
-    assert f"{project['name']}[simulation]" in extras["test"]
+    assert set(extras["simulation"]) <= set(extras["test"])
 
 
 def test_a_worker_serving_many_nodes_trains_each_as_a_fresh_one_would(monkeypatch):
