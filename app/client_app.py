@@ -2,6 +2,9 @@
 
 The round runs in the node's resident trainer when one is reachable (see
 app/training/trainer_service.py), otherwise in this process; both run the same `RoundWorker`.
+In this process it is `IN_PROCESS`, one per process: a deployed SuperNode starts a fresh process
+per message, but a `flwr run .` simulation runs every message of its Ray worker in one process,
+which then loads the base model once and keeps it across rounds and simulated nodes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from app.training.worker import NodeData, RoundWorker, TrainRequest  # torch is 
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+IN_PROCESS = RoundWorker()
 
 
 def _trainer_socket(resident: bool) -> str | None:
@@ -57,7 +61,7 @@ def initial_adapter(msg: Message, context: Context) -> Message:
         except TrainerUnavailable as exc:
             log.warning("%s; initialising in-process", exc)
     if adapter is None:
-        adapter = RoundWorker().initial_adapter(run_config)
+        adapter = IN_PROCESS.initial_adapter(run_config)
     arrays, wire = comm.encode(adapter, "float32", comm.WEIGHTS)
     return Message(content=RecordDict({"arrays": arrays, "wire": wire}), reply_to=msg)
 
@@ -97,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         except TrainerUnavailable as exc:
             log.warning("%s; training in-process", exc)
     if adapter is None:
-        adapter, metrics = RoundWorker().train(request, global_adapter)
+        adapter, metrics = IN_PROCESS.train(request, global_adapter)
 
     metrics.update(
         {

@@ -45,7 +45,7 @@ from app.aggregation.aggregate import apply_mean_update, weighted_mean
 from app.aggregation.bounds import AggregateRefused, check_aggregate, clip, recipe_norm_bound, round_norm_bound, update_norm
 from app.aggregation.initial import INITIAL_ASK, InitialAdapterVote
 from app.aggregation.outcome import failure_reasons, run_failure
-from app.aggregation.replies import ReplyRejected, check_reply, quote
+from app.aggregation.replies import ReplyRejected, check_reply, error_reason, quote
 from app.config import Settings, load_settings
 from app.node.flwr_patches import PATCHED_VERSION, bound_reply_pulls, shorten_pull_retry
 from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
@@ -196,7 +196,7 @@ class FedTuneProx(FedProx):
                     if not reply.has_error() and isinstance(reply.content.get(self.arrayrecord_key), ArrayRecord):
                         out["bytes_up"] += comm.record_bytes(reply.content[self.arrayrecord_key])
                     if reply.has_error():
-                        reason = f"error {reply.error.code}: {quote(reply.error.reason)}"
+                        reason = f"error {reply.error.code}: {error_reason(reply.error.reason)}"
                     else:
                         update, metrics = check_reply(reply, shapes, self.settings.comm.format, self.max_examples, self.settings.dataset.num_partitions)
                         out["valid"].append((msg, reply, update, metrics))

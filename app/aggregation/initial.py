@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import Message
 
 from app import comm
-from app.aggregation.replies import quote
+from app.aggregation.replies import error_reason, quote
 from app.config import LoraSettings
 
 State = Mapping[str, np.ndarray]
@@ -120,7 +120,7 @@ class InitialAdapterVote:
     def _add(self, node: str, reply: Message) -> None:
         try:
             if reply.has_error():
-                self.reasons.append(f"node {node}: {quote(reply.error.reason)}")
+                self.reasons.append(f"node {node}: {error_reason(reply.error.reason)}")
                 return
             arrays = reply.content["arrays"]
             self.bytes += comm.record_bytes(arrays)

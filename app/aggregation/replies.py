@@ -44,6 +44,19 @@ def quote(text: object) -> str:
     return text if len(text) <= MAX_QUOTE else text[:MAX_QUOTE] + f"... ({len(text)} chars)"
 
 
+# In a `flwr run .` simulation a ClientApp's exception reaches the ServerApp as Ray's traceback
+# around flwr's ClientAppException; the ClientApp's own message follows this.
+_SIMULATED_NODE_MESSAGE = " occurred. Message: "
+
+
+def error_reason(reason: str) -> str:
+    """A node's error reason, quoted: a simulated node's is its ClientApp's message, not the
+    Ray traceback before it (whose first MAX_QUOTE characters say nothing)."""
+    if _SIMULATED_NODE_MESSAGE in reason:
+        reason = reason.rsplit(_SIMULATED_NODE_MESSAGE, 1)[1].removesuffix("'>")
+    return quote(reason)
+
+
 def check_reply(
     reply: Message, shapes: Mapping[str, tuple[int, ...]], fmt: str, max_examples: int | None, num_partitions: int | None = None
 ) -> tuple[State, dict[str, float]]:

@@ -1,7 +1,9 @@
 """A client's work for one message, shared by the in-process ClientApp and the resident trainer.
 
-`RoundWorker` keeps the base model, tokenizer and tokenized partition between calls, so a
-resident process pays for them once; in a fresh ClientApp process it is simply used once.
+`RoundWorker` keeps the base model, tokenizer and tokenized partitions between calls, so a
+resident process pays for them once; in a fresh ClientApp process it is simply used once. In a
+`flwr run .` simulation one Ray worker process runs the ClientApp for many simulated nodes in
+turn: it keeps one model and each node's partition (app/client_app.py's `IN_PROCESS`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class NodeData:
         if num_partitions != settings.dataset.num_partitions:
             raise ValueError(
                 f"node config num-partitions={num_partitions} disagrees with the run's "
-                f"dataset.num-partitions={settings.dataset.num_partitions}"
+                f"dataset.num-partitions={settings.dataset.num_partitions} (a `flwr run .` simulation has one "
+                f"partition per simulated SuperNode: --federation-config \"num-supernodes={settings.dataset.num_partitions}\")"
             )
         return cls(partition_id, num_partitions, str(node_config.get("data-path", "")))
 
@@ -59,9 +62,8 @@ class RoundWorker:
         self._model_key: tuple | None = None
         self._model = None
         self._tokenizer = None
-        self._examples_key: tuple | None = None
-        self._examples: list = []
-        self._skipped_rows = 0
+        # (examples, skipped rows) per partition: a simulation worker serves many nodes in turn.
+        self._partitions: dict[tuple, tuple[list, int]] = {}
         self._pristine = False
         self.model_load_seconds = 0.0
 
@@ -88,14 +90,15 @@ class RoundWorker:
         from app.training.data import build_examples, load_partition
 
         key = (settings.dataset.model_dump_json(), settings.model.name, settings.train.seq_length, node)
-        if key != self._examples_key:
-            rows, self._skipped_rows = load_partition(
+        if key not in self._partitions:
+            if any(k[:3] != key[:3] for k in self._partitions):
+                self._partitions.clear()  # another dataset or tokenizer: the old ones are stale
+            rows, skipped = load_partition(
                 settings.dataset.name, settings.dataset.path, node.partition_id, node.num_partitions, node.data_path,
                 settings.dataset.on_bad_rows,
             )
-            self._examples = build_examples(rows, self._tokenizer, settings.train.seq_length)
-            self._examples_key = key
-        return self._examples
+            self._partitions[key] = (build_examples(rows, self._tokenizer, settings.train.seq_length), skipped)
+        return self._partitions[key]
 
     def initial_adapter(self, run_config: dict[str, Any]) -> dict[str, np.ndarray]:
         """The adapter right after its seeded initialisation (DoRA's magnitude needs the base weights)."""
@@ -118,7 +121,7 @@ class RoundWorker:
         settings = load_settings(request.run_config)
         check_run_reads(settings)
         model = self._ensure_model(settings)
-        examples = self._ensure_examples(settings, request.node)
+        examples, skipped_rows = self._ensure_examples(settings, request.node)
         load_adapter_state(model, {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in global_adapter.items()})
         round_seed = settings.seed * 1_000_003 + request.server_round * 1_009 + request.node.partition_id
         torch.manual_seed(round_seed)  # dropout: same seed, same result, resident or not
@@ -139,7 +142,7 @@ class RoundWorker:
             "train-loss": result.train_loss,
             "proximal-term": result.proximal,
             "num-examples": float(len(examples)),
-            "skipped-rows": float(self._skipped_rows),
+            "skipped-rows": float(skipped_rows),
             "train-seconds": result.train_seconds,
             "client-round-seconds": time.perf_counter() - started,
             "model-load-seconds": self.model_load_seconds,
