@@ -30,8 +30,10 @@ KNOWN_METRICS = frozenset(CLIENT_METRICS) | {
 # thousands of long keys would otherwise grow every metrics line without limit).
 MAX_EXTRA_METRICS = 8
 EXTRA_METRIC_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
-# What a refusal reason may quote of what a node sent.
-MAX_QUOTE = 200
+# What a refusal or error reason may quote of what a node sent: room for a node's own actionable
+# errors (a corrupt model cache's, with its cause and the command that fixes it, is ~450
+# characters), not for a hostile node to grow every metrics line.
+MAX_QUOTE = 1000
 
 
 class ReplyRejected(ValueError):
