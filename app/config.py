@@ -153,6 +153,16 @@ class CommSettings(_Section):
     layout: Literal["packed", "per-array"] = "packed"
 
 
+class PrivacySettings(_Section):
+    # SecAgg+ (app/privacy/): the ServerApp sees only the masked sum of a round's updates.
+    secure_aggregation: bool = False
+    # Gaussian noise on the aggregate, noise-multiplier x (the one-node sensitivity of the
+    # weighted sum under the norm bound); 0 = no differential privacy. Added by the nodes in
+    # shares under secure aggregation, by the ServerApp otherwise (app/privacy/dp.py).
+    noise_multiplier: float = Field(0.0, ge=0.0, le=1e3)
+    delta: float = Field(1e-5, gt=0.0, lt=1.0)
+
+
 class ResultsSettings(_Section):
     dir: str = Field("results", min_length=1)
 
@@ -178,6 +188,7 @@ class Settings(BaseSettings):
     dataset: DatasetSettings = DatasetSettings()
     trainer: TrainerSettings = TrainerSettings()
     comm: CommSettings = CommSettings()
+    privacy: PrivacySettings = PrivacySettings()
     results: ResultsSettings = ResultsSettings()
 
     @classmethod
