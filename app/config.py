@@ -123,8 +123,11 @@ class StrategySettings(_Section):
         return self
 
 
+LEADERBOARD_DATASET = "medalpaca/medical_meadow_medical_flashcards"
+
+
 class DatasetSettings(_Section):
-    name: str = Field("medalpaca/medical_meadow_medical_flashcards", min_length=1)
+    name: str = Field(LEADERBOARD_DATASET, min_length=1)
     # A local json/jsonl/parquet file with the same columns, partitioned like the hub dataset.
     path: str = ""
     num_partitions: int = Field(20, ge=1)
@@ -163,6 +166,17 @@ class PrivacySettings(_Section):
     delta: float = Field(1e-5, gt=0.0, lt=1.0)
 
 
+class StaticDatasetSettings(_Section):
+    name: str = Field(LEADERBOARD_DATASET, min_length=1)
+
+
+class StaticSettings(_Section):
+    # FlowerTune's [tool.flwr.app.config.static], kept as the template has it: the leaderboard's
+    # fixed dataset. Nodes train on dataset.name; a run on another dataset is labelled as not
+    # comparable with the leaderboard (app/results/report.py).
+    dataset: StaticDatasetSettings = StaticDatasetSettings()
+
+
 class ResultsSettings(_Section):
     dir: str = Field("results", min_length=1)
 
@@ -189,6 +203,7 @@ class Settings(BaseSettings):
     trainer: TrainerSettings = TrainerSettings()
     comm: CommSettings = CommSettings()
     privacy: PrivacySettings = PrivacySettings()
+    static: StaticSettings = StaticSettings()
     results: ResultsSettings = ResultsSettings()
 
     @classmethod

@@ -52,6 +52,21 @@ def test_the_8b_shaped_random_model_is_not_called_tiny(tmp_path):
     assert results_table(load_run(run_dir))[0]["label"] == "this run (random weights)"
 
 
+@pytest.mark.parametrize(("dataset", "path", "label"), [
+    ("medalpaca/medical_meadow_medical_flashcards", "", "this run (random weights)"),
+    ("medalpaca/medical_meadow_wikidoc", "", "this run (random weights, not the leaderboard's dataset)"),
+    ("medalpaca/medical_meadow_medical_flashcards", "/data/own.jsonl", "this run (random weights, not the leaderboard's dataset)"),
+])
+def test_a_run_off_the_leaderboards_static_dataset_says_so(tmp_path, dataset, path, label):
+    run_dir = make_run(tmp_path)
+    summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    (run_dir / "eval" / "summary.json").write_text(json.dumps(dict(summary, profile="bio-medical-llama3-8b")))
+    config = {"profile": "bio-medical-llama3-8b", "dataset.name": dataset, "dataset.path": path,
+              "static.dataset.name": "medalpaca/medical_meadow_medical_flashcards"}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert results_table(load_run(run_dir))[0]["label"] == label
+
+
 def test_markdown_holds_all_four_accuracies_profile_and_model(tmp_path):
     text = render_markdown(load_run(make_run(tmp_path)))
     row = next(line for line in text.splitlines() if line.startswith("| this run"))

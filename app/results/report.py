@@ -132,7 +132,8 @@ def results_table(data: RunData) -> list[dict[str, Any]]:
     # model has random weights too, and is not the tiny one.
     notes = [n for n, on in (("untrained adapter", aggregated_rounds(data) == 0),
                              ("tiny model", _profile(data) == "tiny"),
-                             ("random weights", ev.get("random_weights") is True)) if on]
+                             ("random weights", ev.get("random_weights") is True),
+                             ("not the leaderboard's dataset", _off_leaderboard_dataset(data))) if on]
     complete = None not in this.values()
     rows = [{"label": "this run" + (f" ({', '.join(notes)})" if notes else ""),
              "accuracies": this, "average": number(ev.get("average")) if complete else None,
@@ -260,6 +261,16 @@ def gpu_by_site(rounds: list[Round]) -> dict[str, dict[str, float | None]]:
         }
         for _, clients in sorted(per_site.items())
     }
+
+
+def _off_leaderboard_dataset(data: RunData) -> bool:
+    """Trained on another dataset than FlowerTune's fixed one (`static.dataset.name`); the tiny
+    profile says so already."""
+    config = data.config
+    fixed = text(config.get("static.dataset.name"))
+    if _profile(data) == "tiny" or fixed is None:
+        return False
+    return text(config.get("dataset.name")) != fixed or bool(text(config.get("dataset.path")))
 
 
 def _profile(data: RunData) -> str:
