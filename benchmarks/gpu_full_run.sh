@@ -12,6 +12,8 @@
 # EXTRA adds run-config keys (e.g. "trainer.placement=\"device\"").
 set -uo pipefail
 WORK=${WORK:-/tmp/fedtune-bench} OUT=${OUT:-/tmp/out} FOLLOW=${FOLLOW:-540}
+# A CPU dry run: GPUS= NODES=4 ROUNDS=1 EXTRA="profile=\"tiny\"" with a tiny model at $WORK/llama3-8b-random.
+GPUS=${GPUS-0} NODES=${NODES:-20} ROUNDS=${ROUNDS:-10}
 FULL=$WORK/full
 follow() {  # print new progress lines until the run ends or FOLLOW s pass; 0 once it ended
   local until=$(( $(date +%s) + FOLLOW )) seen=0
@@ -41,7 +43,7 @@ PY
       nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > '$FULL/nvidia-smi.csv' &
       smi=\$!
       date +%s.%N > '$FULL/t0'
-      python3 -m app.cli local up --supernodes 20 --gpus 0 --rounds 10 --data '$WORK/flashcards-512.jsonl' \
+      python3 -m app.cli local up --supernodes $NODES ${GPUS:+--gpus $GPUS} --rounds $ROUNDS --data '$WORK/flashcards-512.jsonl' \
         --results '$WORK/results' --eval-data-dir '$WORK/eval-real-sizes' \
         --run-config 'model.name=\"$WORK/llama3-8b-random\" ${EXTRA:-}' > '$FULL/run.log' 2>&1
       echo \$? > '$FULL/exit.tmp'; date +%s.%N > '$FULL/t1'; kill \$smi; mv '$FULL/exit.tmp' '$FULL/exit'
@@ -52,13 +54,14 @@ PY
     follow || { echo "still running"; exit 3; }
     run=$(ls -td "$WORK"/results/run-* | head -1)
     echo "exit $(cat "$FULL/exit"), wall $(python3 -c "print(f'{$(cat "$FULL/t1") - $(cat "$FULL/t0"):.0f}')") s; run $run"
-    python3 - "$run" <<'PY'
+    python3 - "$run" "$(cat "$FULL/t0")" <<'PY'
 import json, sys
 from pathlib import Path
-run = Path(sys.argv[1])
+run, t0 = Path(sys.argv[1]), float(sys.argv[2])
 rounds = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
 summary = json.loads((run / "summary.json").read_text())
-print(f"training: {summary['wall_seconds']:.0f} s (ServerApp), rounds aggregated {summary['rounds_aggregated']}")
+print(f"start-up: round 1 started {rounds[0]['t_start'] - t0:.0f} s after the command")
+print(f"training: {rounds[-1]['t_end'] - t0:.0f} s from the command to the last round's end, rounds aggregated {summary['rounds_aggregated']}")
 for r in rounds:
     train = sum(c.get("train_seconds", 0) for c in r["clients"])
     print(f"round {r['round']:2d}: {r['round_seconds']:6.1f} s, clients' training {train:6.1f} s ({r['round_seconds'] / max(train, 1e-9):.2f}x)")
