@@ -20,6 +20,7 @@ from app import comm, server_app
 from app.aggregation.bounds import recipe_norm_bound
 from app.config import ConfigError, load_settings
 from app.privacy.accountant import PrivacyLedger
+from app.privacy.central import RoundPrivacy
 from app.privacy.dp import SystemNormal, add_gaussian, guaranteed_noise_multiplier, node_noise_std, sum_noise_std
 from app.results.checkpoint import RUN_STATE, load_adapter_tensors
 from app.results.report import load_run, render_html, render_markdown
@@ -232,3 +233,14 @@ def test_without_privacy_nothing_is_added(tmp_path, wide_init):
     assert all(np.allclose(final[k], wide_init[k] + step, rtol=0, atol=1e-6) for k in final)
     assert not any(key.startswith("dp_") for key in record)
     assert json.loads((run / "summary.json").read_text())["privacy"]["epsilon"] is None
+
+
+def test_the_secure_path_accounts_with_its_guaranteed_shares():
+    """Under secure aggregation the ServerApp adds no noise; it accounts the round with the noise
+    of the shares certain to be in the sum and records how many that was."""
+    privacy = RoundPrivacy(load_settings({"privacy.noise-multiplier": 1.0}), max_weight=1698)
+    fields = privacy.spend(guaranteed_noise_multiplier(1.0, 3, 2), guaranteed_shares=2)
+    assert fields["dp_noise_shares"] == 2 and fields["dp_noise_multiplier"] == pytest.approx(math.sqrt(2 / 3))
+    assert fields["dp_epsilon"] == pytest.approx(PrivacyLedger(1e-5, [math.sqrt(2 / 3)]).epsilon())
+    assert fields["dp_epsilon"] > PrivacyLedger(1e-5, [1.0]).epsilon()  # a lost share costs privacy
+    assert privacy.summary()["rounds_accounted"] == 1
