@@ -244,3 +244,17 @@ def test_the_secure_path_accounts_with_its_guaranteed_shares():
     assert fields["dp_epsilon"] == pytest.approx(PrivacyLedger(1e-5, [math.sqrt(2 / 3)]).epsilon())
     assert fields["dp_epsilon"] > PrivacyLedger(1e-5, [1.0]).epsilon()  # a lost share costs privacy
     assert privacy.summary()["rounds_accounted"] == 1
+
+
+def test_a_resumed_run_continues_the_ledger(tmp_path, wide_init):
+    """Rounds 1-2 before a crash and 3-4 after it: the resumed run's epsilon is four rounds'."""
+    config = dp_sites(tmp_path, **{"num-server-rounds": 4})
+    crashed_grid = InMemoryGrid(THREE, config, fake_client)
+    crashed_grid.crash_at_round = 3
+    with pytest.raises(KeyboardInterrupt):
+        run_main(crashed_grid, run_id=7)
+    resumed = run_main(InMemoryGrid(THREE, dict(config, **{"resume-from": str(tmp_path / "run-7" / "peft_2")}), fake_client, id_base=9000), run_id=8)
+    records = metrics_of(resumed)
+    assert [r["dp_releases"] for r in records] == [1, 2, 3, 4]
+    assert records[-1]["dp_epsilon"] == pytest.approx(PrivacyLedger(1e-5, [0.5] * 4).epsilon())
+    assert json.loads((resumed / "summary.json").read_text())["privacy"]["rounds_accounted"] == 4
