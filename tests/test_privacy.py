@@ -258,3 +258,13 @@ def test_a_resumed_run_continues_the_ledger(tmp_path, wide_init):
     assert [r["dp_releases"] for r in records] == [1, 2, 3, 4]
     assert records[-1]["dp_epsilon"] == pytest.approx(PrivacyLedger(1e-5, [0.5] * 4).epsilon())
     assert json.loads((resumed / "summary.json").read_text())["privacy"]["rounds_accounted"] == 4
+
+
+def test_the_console_line_shows_epsilon(tmp_path, wide_init):
+    from app.deploy.launcher import _round_line
+
+    run = run_main(InMemoryGrid(THREE, dp_sites(tmp_path, **{"num-server-rounds": 1}), fake_client), run_id=9)
+    [record] = metrics_of(run)
+    assert _round_line(record, run / "metrics.jsonl").endswith(f"  epsilon {record['dp_epsilon']:.3g} (delta 1e-05)")
+    assert _round_line({**record, "dp_epsilon": None}, run / "metrics.jsonl").endswith("  epsilon: no guarantee")
+    assert "epsilon" not in _round_line({k: v for k, v in record.items() if not k.startswith("dp_")}, run / "metrics.jsonl")

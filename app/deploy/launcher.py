@@ -392,10 +392,17 @@ def _round_line(r: dict[str, Any], metrics: Path) -> str:
         loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
         line = (f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
                 f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
-                f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s")
+                f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s" + _privacy_note(r))
     except (KeyError, TypeError, ValueError) as exc:  # a record of another version, or edited by hand
         line = f"round {r.get('round', '?')}: (record in {metrics} lacks or mistypes a field: {type(exc).__name__}: {exc})"
     return "\n".join([line, *new_failure_lines(r, metrics)])
+
+
+def _privacy_note(r: dict[str, Any]) -> str:
+    """The run's epsilon so far, when differential privacy is on (app/privacy/accountant.py)."""
+    if "dp_delta" not in r:
+        return ""
+    return f"  epsilon {r['dp_epsilon']:.3g} (delta {r['dp_delta']:g})" if r["dp_epsilon"] is not None else "  epsilon: no guarantee"
 
 
 def new_failure_lines(record: dict[str, Any], metrics: Path) -> list[str]:
