@@ -147,10 +147,16 @@ def test_a_median_bound_is_refused_with_privacy_in_one_line():
 
 def test_privacy_without_a_weight_cap_starts_nothing(tmp_path, wide_init):
     config = dp_sites(tmp_path, **{"dataset.path": str(tmp_path / "own.jsonl"), "num-server-rounds": 1})
-    grid = InMemoryGrid(THREE, config, fake_client)
+    pushed = []
+
+    class Recording(InMemoryGrid):
+        def push_messages(self, messages):
+            pushed.extend(messages)
+            return super().push_messages(messages)
+
     with pytest.raises(ConfigError, match=r"^privacy.noise-multiplier=0.5 needs a bound on each node's weight: set strategy.max-num-examples"):
-        run_main(grid, run_id=1)
-    assert grid.sent == [] and grid.replies == {}  # no node was asked anything
+        run_main(Recording(THREE, config, fake_client), run_id=1)
+    assert pushed == []  # no node was asked anything, not even for the initial adapter
     run = run_main(InMemoryGrid(THREE, dict(config, **{"strategy.max-num-examples": 30}), fake_client), run_id=2)
     [record] = metrics_of(run)
     assert record["status"] == "aggregated" and record["dp_max_weight"] == 30
