@@ -316,15 +316,21 @@ class FedTuneProx(FedProx):
         return new_master
 
 
-def max_num_examples(settings: Settings) -> int | None:
+def known_weight_cap(settings: Settings) -> int | None:
     """strategy.max-num-examples, or the partition size of a dataset the server knows."""
     from app.training.data import known_partition_size
 
     if settings.strategy.max_num_examples:
         return settings.strategy.max_num_examples
     dataset = settings.dataset
-    bound = known_partition_size(dataset.name, dataset.path, dataset.num_partitions)
+    return known_partition_size(dataset.name, dataset.path, dataset.num_partitions)
+
+
+def max_num_examples(settings: Settings) -> int | None:
+    """known_weight_cap, with a warning when there is none."""
+    bound = known_weight_cap(settings)
     if bound is None:
+        dataset = settings.dataset
         log.warning("no bound on a reply's num-examples: set strategy.max-num-examples (dataset %s is not one the server knows)", dataset.path or dataset.name)
     return bound
 

@@ -551,6 +551,7 @@ def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
         if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
             run_config["dataset.num-partitions"] = args.supernodes  # one partition per SuperNode
             settings = load_settings(run_config)
+        check_privacy(settings)
     except ConfigError as exc:  # the flags are checked by argparse: what is left came with --run-config
         return f"--run-config: {_one_line(exc)}"
     gpus = gpu_ids(args.gpus)
@@ -568,6 +569,15 @@ def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
     if (refused := check_results_dir(Path(args.results).resolve())) is not None:
         return refused
     return run_config, settings
+
+
+def check_privacy(settings: Settings) -> None:
+    """The ServerApp's refusal of differential privacy without a weight cap, before anything starts
+    (the ServerApp would fail before writing a summary, so the launch could not say why)."""
+    from app.privacy.central import require_weight_cap
+    from app.server_app import known_weight_cap
+
+    require_weight_cap(settings, known_weight_cap(settings))
 
 
 def gpu_ids(text: str) -> list[str]:
@@ -783,6 +793,7 @@ def run_submit(args) -> int:
             run_config["dataset.num-partitions"] = args.nodes
             settings = load_settings(run_config)
         nodes = settings.dataset.num_partitions if args.nodes is None else args.nodes
+        check_privacy(settings)
         pending_timeout = _pending_timeout(args.pending_timeout)
         _split_address(args.superlink)
     except (ConfigError, LaunchError) as exc:

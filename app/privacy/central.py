@@ -28,18 +28,23 @@ from app.privacy.dp import SystemNormal, add_gaussian, sum_noise_std
 State = Mapping[str, np.ndarray]
 
 
+def require_weight_cap(settings: Settings, max_weight: int | None) -> None:
+    """ConfigError when privacy is on and no node's weight is bounded (the noise is calibrated to W)."""
+    if settings.privacy.noise_multiplier > 0 and max_weight is None:
+        raise ConfigError(
+            f"privacy.noise-multiplier={settings.privacy.noise_multiplier} needs a bound on each node's weight: set "
+            f"strategy.max-num-examples (dataset {settings.dataset.path or settings.dataset.name} is not one the server knows)"
+        )
+
+
 class RoundPrivacy:
     """Differential privacy across a run's rounds; `on` when privacy.noise-multiplier > 0."""
 
     def __init__(self, settings: Settings, max_weight: int | None, releases: Iterable[float] = ()) -> None:
         privacy = settings.privacy
+        require_weight_cap(settings, max_weight)
         self.noise_multiplier = privacy.noise_multiplier
         self.on = self.noise_multiplier > 0
-        if self.on and max_weight is None:
-            raise ConfigError(
-                f"privacy.noise-multiplier={self.noise_multiplier} needs a bound on each node's weight: set "
-                f"strategy.max-num-examples (dataset {settings.dataset.path or settings.dataset.name} is not one the server knows)"
-            )
         self.max_weight = max_weight
         self.ledger = PrivacyLedger(privacy.delta, releases)
         self.normal = SystemNormal()
