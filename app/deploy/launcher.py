@@ -574,6 +574,8 @@ def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
 def check_privacy(settings: Settings) -> None:
     """The ServerApp's refusal of differential privacy without a weight cap, before anything starts
     (the ServerApp would fail before writing a summary, so the launch could not say why)."""
+    if settings.privacy.noise_multiplier == 0:
+        return  # spares the CLI the ServerApp's imports
     from app.privacy.central import require_weight_cap
     from app.server_app import known_weight_cap
 
