@@ -274,3 +274,15 @@ def test_the_console_line_shows_epsilon(tmp_path, wide_init):
     assert _round_line(record, run / "metrics.jsonl").endswith(f"  epsilon {record['dp_epsilon']:.3g} (delta 1e-05)")
     assert _round_line({**record, "dp_epsilon": None}, run / "metrics.jsonl").endswith("  epsilon: no guarantee")
     assert "epsilon" not in _round_line({k: v for k, v in record.items() if not k.startswith("dp_")}, run / "metrics.jsonl")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.dictionaries(st.text("abcdefgh._", min_size=1, max_size=12), st.lists(st.integers(0, 7), min_size=0, max_size=3).map(tuple), max_size=5),
+       st.one_of(st.just(0.0), st.floats(1e-3, 1e3)))
+def test_noise_keeps_every_tensor_s_name_shape_and_dtype(shapes, std):
+    arrays = {name: np.full(shape, 0.25, np.float32) for name, shape in shapes.items()}
+    noised = add_gaussian(arrays, std, SystemNormal())
+    assert noised.keys() == arrays.keys()
+    for name, value in noised.items():
+        assert value.shape == arrays[name].shape and value.dtype == np.float32 and np.isfinite(value).all()
+        assert np.array_equal(value, arrays[name]) == (std == 0 or value.size == 0)
