@@ -206,6 +206,18 @@ class Settings(BaseSettings):
     static: StaticSettings = StaticSettings()
     results: ResultsSettings = ResultsSettings()
 
+    @model_validator(mode="after")
+    def _fixed_bound_under_dp(self) -> Settings:
+        # The noise is calibrated to the norm bound, so the bound must not depend on the updates:
+        # a median of the round's norms would itself need a private estimate (adaptive clipping).
+        if self.privacy.noise_multiplier > 0 and self.strategy.update_norm_median_multiple > 0:
+            raise ValueError(
+                f"strategy.update-norm-median-multiple ({self.strategy.update_norm_median_multiple}) must be 0 when "
+                f"privacy.noise-multiplier ({self.privacy.noise_multiplier}) > 0: differential privacy needs a bound "
+                "that does not depend on the updates (strategy.update-norm-bound, or 0 for the recipe's)"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -337,7 +349,10 @@ def load_settings(run_config: Mapping[str, Any] | None = None) -> Settings:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "<root>"
+        if not error["loc"]:  # a rule across sections: its message names the keys
+            lines.append(error["msg"].removeprefix("Value error, "))
+            continue
+        key = ".".join(str(part) for part in error["loc"])
         source = f" (from ${env_name(key)})" if env_name(key) in os.environ else ""
         got = error.get("input")
         got_text = "" if isinstance(got, dict) else f" (got {got!r})"

@@ -48,6 +48,7 @@ from app.aggregation.outcome import failure_reasons, run_failure
 from app.aggregation.replies import ReplyRejected, check_reply, error_reason, quote
 from app.config import Settings, load_settings
 from app.node.flwr_patches import PATCHED_VERSION, bound_reply_pulls, shorten_pull_retry
+from app.privacy.central import RoundPrivacy
 from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.results.metrics import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
@@ -157,6 +158,7 @@ class FedTuneProx(FedProx):
         self.metrics_path = run_dir / "metrics.jsonl"
         self.cumulative_bytes = 0  # continued from the checkpoint's run state on resume
         self.max_examples = max_num_examples(settings)
+        self.privacy = RoundPrivacy(settings, self.max_examples)  # refuses DP without a weight cap
 
     def lr(self, server_round: int) -> float:
         train = self.settings.train
@@ -217,7 +219,7 @@ class FedTuneProx(FedProx):
             "round": server_round, "lr": self.lr(server_round), "status": "skipped", "attempts": 0,
             "comm_format": self.settings.comm.format, "train_loss": None, "clients": [], "failures": 0, "failed": [],
             "bytes_down": 0, "bytes_up": 0, "bytes_down_unconfirmed": 0, "t_start": t_start, "aggregate_seconds": 0.0,
-            "norm_bound": None, "clipped": 0, "skip_reason": None,
+            "norm_bound": None, "clipped": 0, "skip_reason": None, **self.privacy.fields(),
         }
         new_master = master
         shapes = comm.shapes_of(master)
@@ -301,24 +303,34 @@ class FedTuneProx(FedProx):
                 log.warning("round %d: node %d's update (norm %.4g) clipped to the norm bound %.4g", record["round"], client["node_id"], norm, bound)
         new_master = apply_mean_update(master, updates, weights)
         try:
-            check_aggregate(master, new_master, bound)
+            check_aggregate(master, new_master, bound)  # before the noise: app/privacy/central.py says why
         except AggregateRefused as exc:
             record["skip_reason"] = str(exc)
             return master
+        finally:
+            record.update(self.privacy.spend())  # computed from the updates: spends, released or refused
+        new_master, noise = self.privacy.noised(new_master, bound, sum(weights))
+        record.update(noise)
         record["status"] = "aggregated"
         record["train_loss"] = weighted_mean([c["train_loss"] for c in record["clients"]], weights)
         return new_master
 
 
-def max_num_examples(settings: Settings) -> int | None:
+def known_weight_cap(settings: Settings) -> int | None:
     """strategy.max-num-examples, or the partition size of a dataset the server knows."""
     from app.training.data import known_partition_size
 
     if settings.strategy.max_num_examples:
         return settings.strategy.max_num_examples
     dataset = settings.dataset
-    bound = known_partition_size(dataset.name, dataset.path, dataset.num_partitions)
+    return known_partition_size(dataset.name, dataset.path, dataset.num_partitions)
+
+
+def max_num_examples(settings: Settings) -> int | None:
+    """known_weight_cap, with a warning when there is none."""
+    bound = known_weight_cap(settings)
     if bound is None:
+        dataset = settings.dataset
         log.warning("no bound on a reply's num-examples: set strategy.max-num-examples (dataset %s is not one the server knows)", dataset.path or dataset.name)
     return bound
 
@@ -386,6 +398,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("results in %s", run_dir)
 
     started = time.perf_counter()
+    strategy = FedTuneProx(settings, run_dir)
     # Replies are bounded before they are pulled (app/node/flwr_patches.py): the initial adapter by
     # what comm accepts at most, each round's update by its known size.
     bound_reply_pulls(http_grid, max_bytes=4 * comm.MAX_ADAPTER_VALUES + REPLY_SLACK_BYTES, max_arrays=1)
@@ -393,12 +406,12 @@ def main(grid: Grid, context: Context) -> None:
     if bound_reply_pulls(http_grid, max_bytes=2 * comm.transfer_bytes(comm.shapes_of(initial), settings.comm.format) + REPLY_SLACK_BYTES,
                          max_arrays=1 if settings.comm.layout == "packed" else len(initial)):
         log.info("replies larger than twice an update are refused before they are pulled")
-    strategy = FedTuneProx(settings, run_dir)
     master, first_round = initial, 1
     if resume is not None:
         check_same_layout(resume.tensors, initial, resume.directory)
         master, first_round = {k: np.asarray(resume.tensors[k], dtype=np.float32) for k in initial}, resume.round + 1
         strategy.cumulative_bytes = int(resume.state["cumulative_bytes"])
+        strategy.privacy.ledger.releases = resumed_releases(resume.state, resume.round)
         _carry_history(resume.directory.parent / "metrics.jsonl", strategy.metrics_path, resume.round)
         log.info("resuming %s at round %d", resume.directory, first_round)
     last = settings.num_server_rounds
@@ -407,7 +420,8 @@ def main(grid: Grid, context: Context) -> None:
         for server_round in range(first_round, last + 1):
             master = strategy.run_round(grid, server_round, master)
             if server_round % settings.train.save_every_round == 0 or server_round == last:
-                run_state = {"round": server_round, "cumulative_bytes": strategy.cumulative_bytes, "run_id": context.run_id, "config": flat}
+                run_state = {"round": server_round, "cumulative_bytes": strategy.cumulative_bytes, "run_id": context.run_id, "config": flat,
+                             "privacy_releases": strategy.privacy.ledger.releases}
                 path = save_adapter(run_dir / f"peft_{server_round}", dict(master), settings.model, run_state)
                 log.info("saved global adapter to %s", path)
         rounds = read_jsonl(strategy.metrics_path) if strategy.metrics_path.exists() else []
@@ -418,6 +432,15 @@ def main(grid: Grid, context: Context) -> None:
         raise
     finally:
         _write_summary(context.run_id, settings, run_dir, strategy, initial, init_bytes, started, resume, stopped)
+
+
+def resumed_releases(state: Mapping[str, Any], saved_round: int) -> list[float]:
+    """The privacy ledger of a checkpoint's rounds. A checkpoint without one (written before
+    differential privacy was accounted) released its rounds un-noised, as far as anyone can
+    tell: one release without noise, so the run's epsilon is infinite, never understated."""
+    if "privacy_releases" in state:
+        return [float(z) for z in state["privacy_releases"]]
+    return [0.0] if saved_round > 0 else []
 
 
 def _carry_history(source: Path, target: Path, upto: int) -> None:
@@ -468,5 +491,6 @@ def _summary(run_id, settings: Settings, run_dir: Path, strategy: FedTuneProx, i
         "attempts": sum(r.get("attempts", 1) for r in rounds),
         "wall_seconds": time.perf_counter() - started,
         "final_adapter": str(run_dir / f"peft_{last}") if (run_dir / f"peft_{last}").is_dir() else None,
+        "privacy": strategy.privacy.summary(),
     }
     return summary, aggregated

@@ -57,6 +57,9 @@ LOCAL_UP_MISTAKES = [
     (["--run-config", "train.seq-lenght=8"], ["--run-config", "unknown config key(s) 'train.seq-lenght'"]),
     (["--run-config", "model.quantization=3"], ["--run-config", "model.quantization", "0, 4 or 8"]),
     (["--run-config", "rounds"], ["--run-config", "'rounds'", "key=value"]),
+    (["--run-config", "privacy.noise-multiplier=1 dataset.path={qa}"], ["--run-config", "privacy.noise-multiplier=1", "set strategy.max-num-examples"]),
+    (["--run-config", "privacy.noise-multiplier=1 strategy.update-norm-median-multiple=2"],
+     ["--run-config", "strategy.update-norm-median-multiple (2.0) must be 0 when privacy.noise-multiplier (1.0) > 0"]),
     (["--resume-from", "{tmp}/no-checkpoint"], ["--resume-from", "no-checkpoint", "not a directory"]),
 ]
 
@@ -87,6 +90,8 @@ def test_other_commands_mistakes(capsys):
         (["local"], "the following arguments are required: {up}"),
         (["run", "--profile", "tiny"], "required: --superlink"),
         (["run", "--superlink", "127.0.0.1:9093", "--supernodes", "0"], "--supernodes/--nodes: expected a positive integer"),
+        (["run", "--superlink", "127.0.0.1:9093", "--insecure", "--run-config", "privacy.noise-multiplier=1 dataset.path=/data/own.jsonl"],
+         "fedtune: privacy.noise-multiplier=1.0 needs a bound on each node's weight: set strategy.max-num-examples"),
     ]:
         code, out, err = _run(argv, capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1 and expected in err, (argv, err)

@@ -392,10 +392,17 @@ def _round_line(r: dict[str, Any], metrics: Path) -> str:
         loss = "skipped    " if r["train_loss"] is None else f"loss {r['train_loss']:.4f}"
         line = (f"round {r['round']:>3}: {loss}  clients {len(r['clients'])}"
                 f"  failures {r['failures']}  {r['bytes_round'] / 2**20:8.2f} MiB"
-                f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s")
+                f"  (total {r['cumulative_mib']:.2f} MiB)  {r['round_seconds']:.1f} s" + _privacy_note(r))
     except (KeyError, TypeError, ValueError) as exc:  # a record of another version, or edited by hand
         line = f"round {r.get('round', '?')}: (record in {metrics} lacks or mistypes a field: {type(exc).__name__}: {exc})"
     return "\n".join([line, *new_failure_lines(r, metrics)])
+
+
+def _privacy_note(r: dict[str, Any]) -> str:
+    """The run's epsilon so far, when differential privacy is on (app/privacy/accountant.py)."""
+    if "dp_delta" not in r:
+        return ""
+    return f"  epsilon {r['dp_epsilon']:.3g} (delta {r['dp_delta']:g})" if r["dp_epsilon"] is not None else "  epsilon: no guarantee"
 
 
 def new_failure_lines(record: dict[str, Any], metrics: Path) -> list[str]:
@@ -544,6 +551,7 @@ def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
         if settings.dataset.num_partitions != args.supernodes and "dataset.num-partitions" not in run_config:
             run_config["dataset.num-partitions"] = args.supernodes  # one partition per SuperNode
             settings = load_settings(run_config)
+        check_privacy(settings)
     except ConfigError as exc:  # the flags are checked by argparse: what is left came with --run-config
         return f"--run-config: {_one_line(exc)}"
     gpus = gpu_ids(args.gpus)
@@ -561,6 +569,17 @@ def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
     if (refused := check_results_dir(Path(args.results).resolve())) is not None:
         return refused
     return run_config, settings
+
+
+def check_privacy(settings: Settings) -> None:
+    """The ServerApp's refusal of differential privacy without a weight cap, before anything starts
+    (the ServerApp would fail before writing a summary, so the launch could not say why)."""
+    if settings.privacy.noise_multiplier == 0:
+        return  # spares the CLI the ServerApp's imports
+    from app.privacy.central import require_weight_cap
+    from app.server_app import known_weight_cap
+
+    require_weight_cap(settings, known_weight_cap(settings))
 
 
 def gpu_ids(text: str) -> list[str]:
@@ -776,6 +795,7 @@ def run_submit(args) -> int:
             run_config["dataset.num-partitions"] = args.nodes
             settings = load_settings(run_config)
         nodes = settings.dataset.num_partitions if args.nodes is None else args.nodes
+        check_privacy(settings)
         pending_timeout = _pending_timeout(args.pending_timeout)
         _split_address(args.superlink)
     except (ConfigError, LaunchError) as exc:

@@ -190,6 +190,20 @@ def draw_communication(chart: Chart, ax: Any, rounds: list[Round]) -> bool:
     return True
 
 
+def draw_privacy(chart: Chart, ax: Any, rounds: list[Round]) -> bool:
+    """The run's epsilon after each round (differential privacy on)."""
+    private = [r for r in rounds if r.number is not None and r.dp_epsilon is not None and r.dp_delta is not None]
+    if not private:
+        return False
+    points = [(r.number, r.dp_epsilon, f"round {r.number}") for r in private]
+    window = display_window([y for _, y, _ in points], from_zero=True)
+    chart.points(ax, points, window, "#8e44ad", "epsilon", line=True)
+    ax.set_ylim(*window)
+    _rounds_axis(ax)
+    ax.set(ylabel=f"epsilon at delta {private[-1].dp_delta:g}", title="Privacy spent (node level)")
+    return True
+
+
 def chart_svg(name: str, draw, rounds: list[Round], legend_outside: bool = False) -> tuple[str, list[str]] | None:
     """(svg, off-scale notes) of a one-axis chart drawn by `draw`, or None when there is nothing to draw."""
     chart = Chart(name, 6.2 if legend_outside else 4.6, 3.3)
@@ -205,6 +219,10 @@ def loss_chart(rounds: list[Round]) -> tuple[str, list[str]] | None:
 
 def communication_chart(rounds: list[Round]) -> tuple[str, list[str]] | None:
     return chart_svg("communication", draw_communication, rounds)
+
+
+def privacy_chart(rounds: list[Round]) -> tuple[str, list[str]] | None:
+    return chart_svg("privacy", draw_privacy, rounds)
 
 
 def draw_norms(chart: Chart, ax: Any, rounds: list[Round]) -> bool:

@@ -103,6 +103,8 @@ class Round:
     comm_format: str | None = None
     norm_bound: float | None = None
     clipped: int | None = None
+    dp_epsilon: float | None = None  # the run's epsilon after this round (None: off, or no guarantee)
+    dp_delta: float | None = None  # None: differential privacy off
 
     @property
     def aggregated(self) -> bool:
@@ -158,6 +160,8 @@ def parse_round(raw: dict[str, Any]) -> Round:
         comm_format=text(raw.get("comm_format"), 40),
         norm_bound=number(raw.get("norm_bound")),
         clipped=integer(raw.get("clipped"), 2**31),
+        dp_epsilon=number(raw.get("dp_epsilon")),
+        dp_delta=number(raw.get("dp_delta")),
     )
 
 

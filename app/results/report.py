@@ -295,8 +295,20 @@ def run_facts(data: RunData) -> dict[str, str]:
         "rounds": f"{sum(r.aggregated for r in data.rounds)} aggregated of {len(data.rounds)} recorded"
                   + (f" (configured {configured})" if configured is not None else ""),
         "wire format": ", ".join(formats) or "not recorded",
+        "differential privacy": privacy_fact(data.rounds),
         "run summary": "summary.json" if data.summary is not None else "none yet (the run has not finished, or its ServerApp died)",
     }
+
+
+def privacy_fact(rounds: list[Round]) -> str:
+    """The run's (epsilon, delta) after its last recorded round, and what it means."""
+    last = next((r for r in reversed(rounds) if r.dp_delta is not None), None)
+    if last is None:
+        return "off (privacy.noise-multiplier = 0): no privacy guarantee"
+    if last.dp_epsilon is None:
+        return f"no guarantee: a round went out without noise (delta {last.dp_delta:g})"
+    return (f"epsilon {last.dp_epsilon:.3g} at delta {last.dp_delta:g} after round {_round(last.number)}; node level (one node's whole "
+            "round update), no amplification by sampling assumed (the seeded sample is public)")
 
 
 def run_warnings(data: RunData) -> list[str]:
@@ -530,7 +542,7 @@ def render_html(data: RunData) -> str:
         results = (results[:parsed_row_end] + f'<tr class="warning"><td colspan="{len(BENCHMARKS) + 3}">{e(warning)}</td></tr>'
                    + results[parsed_row_end:])
     offsets = clock_offsets(data.rounds)
-    training = "".join(_with_notes(c) for c in (charts.loss_chart(data.rounds), charts.communication_chart(data.rounds)))
+    training = "".join(_with_notes(c) for c in (charts.loss_chart(data.rounds), charts.communication_chart(data.rounds), charts.privacy_chart(data.rounds)))
     shown, omitted = _timeline_rounds(data.rounds)
     timelines = []
     for i, r in enumerate(shown):
