@@ -243,12 +243,13 @@ class SecureAttempt:
         total = np.zeros(a.parameters + ring.WEIGHT_DIGITS, dtype=ring.RING_DTYPE)
         for vector in masked.values():
             total += vector
+        holders = [shares[h] for h in sorted(shares)]  # in node order: the same subsets tried first every time
         for node in masked:
-            seed = reconstruct([s[node] for s in shares.values() if node in s], a.threshold,
+            seed = reconstruct([s[node] for s in holders if node in s], a.threshold,
                                lambda b, node=node: hashlib.sha256(b).digest() == keys[node][2], f"node {node}'s mask seed")
             total -= ring.mask(seed, total.size)
         for gone in dropped:
-            raw = reconstruct([s[gone] for s in shares.values() if gone in s], a.threshold,
+            raw = reconstruct([s[gone] for s in holders if gone in s], a.threshold,
                               lambda k, gone=gone: _public_of(k) == keys[gone][1], f"dropped node {gone}'s mask key")
             key = private_key(raw)
             for node in masked:
