@@ -230,7 +230,7 @@ class FedTuneProx(FedProx):
         shapes = comm.shapes_of(master)
         attempts = 1 + (strategy.max_retries if strategy.on_too_few_replies == "retry" else 0)
         if self.secure:
-            record.update(secagg_bytes_keys=0, secagg_bytes_shares=0, secagg_bytes_masked=0)
+            record.update(secagg_bytes_keys=0, secagg_bytes_shares=0, secagg_bytes_masked=0, secagg_seconds={})
         for attempt in range(attempts):
             messages, names = self.configure_round(server_round, master, grid, attempt)
             if self.secure:
@@ -238,6 +238,8 @@ class FedTuneProx(FedProx):
                 got, sent, arrived = vars(secure), secure.sent, secure.arrived
                 for key in ("bytes_keys", "bytes_shares", "bytes_masked"):
                     record[f"secagg_{key}"] += got[key]
+                for stage, seconds in secure.seconds.items():
+                    record["secagg_seconds"][stage] = record["secagg_seconds"].get(stage, 0.0) + seconds
                 if secure.problem:
                     record["skip_reason"] = secure.problem
             else:

@@ -91,6 +91,7 @@ def test_keys_shares_and_masked_updates_are_counted_apart(tmp_path, fast_init):
     assert record["bytes_up"] >= record["secagg_bytes_masked"] + 3 * 98 + 9 * 52
     download = 3 * comm.transfer_bytes(comm.shapes_of(fast_init), comm.download_format(load_settings(secure_config(tmp_path)).comm.format))
     assert record["bytes_down"] == download + 3 * 3 * 66 + ciphertexts // 2
+    assert set(record["secagg_seconds"]) == {"setup", "share-keys", "train", "unmask", "unmask-sum"}
 
 
 def test_a_node_lost_after_its_masked_upload_is_recovered(tmp_path, fast_init):

@@ -23,7 +23,7 @@ def test_a_secure_run_completes(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert [r["status"] for r in rounds] == ["aggregated"] * ROUNDS, rounds
     for record in rounds:
-        assert len(record["clients"]) == 3 and record["failed"] == []  # secure aggregation samples at least 3
+        assert len(record["clients"]) == 3 and record["failed"] == [], record["failed"]  # secure aggregation samples at least 3
         assert record["secagg_bytes_masked"] == 3 * 2 * (summary["adapter_parameters"] + ring.WEIGHT_DIGITS)
         assert record["secagg_bytes_keys"] > 0 and record["secagg_bytes_shares"] > 0
         assert all(c["resident"] for c in record["clients"])  # the resident trainer trained, the ClientApp masked

@@ -19,6 +19,7 @@ import hashlib
 import itertools
 import math
 import secrets
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,7 @@ class Attempt:
     total_weight: int = 0
     announced: Announcement | None = None
     problem: str | None = None
+    seconds: dict = field(default_factory=dict)  # per stage, and the ServerApp's unmasking
 
 
 def announcement(nodes: list[int], server_round: int, parameters: int, norm_bound: float, grid_bound: float,
@@ -122,10 +124,13 @@ class SecureAttempt:
         dropped = sorted(set(sent_shares) - set(masked))
         ask = ConfigRecord({"session": a.session, "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped]})
         shares = self._stage(UNMASK, "unmask", {n: ask for n in masked}, lambda n, c: self._read_unmask(c, set(sent_shares)))
+        started = time.perf_counter()
         try:
             self._unmask(masked, dropped, shares, keys)
         except ProtocolError as exc:
             return self._stop(str(exc))
+        finally:
+            self.out.seconds["unmask-sum"] = time.perf_counter() - started
         return self.out
 
     def _stop(self, reason: str) -> Attempt:
@@ -139,7 +144,9 @@ class SecureAttempt:
     def _stage(self, message_type: str, stage: str, records: Mapping[int, ConfigRecord], read: Callable[[int, RecordDict], Any]) -> dict[int, Any]:
         messages = [Message(RecordDict({RECORD: r}), message_type=message_type, dst_node_id=n) for n, r in records.items()]
         timeout = min(STAGE_SECONDS, self.round_timeout)
+        started = time.perf_counter()
         replies, _, _, problem = self.exchange(self.grid, messages, timeout)
+        self.out.seconds[stage] = time.perf_counter() - started
         if message_type != SETUP:
             self.out.bytes_down += sum(payload_bytes(m.content) for m in messages)
         got = {}
@@ -211,7 +218,9 @@ class SecureAttempt:
                 shares = ConfigRecord({"session": session, "src": [str(s) for s in senders], "ciphertexts": [sent_shares[s][node] for s in senders]})
                 content = RecordDict({**dict(msg.content.items()), RECORD: shares})
                 chosen.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node))
+        started = time.perf_counter()
         replies, self.out.sent, self.out.arrived, problem = self.exchange(self.grid, chosen, self.round_timeout)
+        self.out.seconds["train"] = time.perf_counter() - started
         masked = {}
         for msg, reply, reason in self._pair(chosen, replies, problem, self.round_timeout):
             node = msg.metadata.dst_node_id
