@@ -3,6 +3,7 @@ for tests that drive the real ServerApp (`main`, `FedTuneProx`) without processe
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import Callable
@@ -38,6 +39,9 @@ class InMemoryGrid:
         self.states: dict[int, RecordDict] = {}  # each node's context state, kept across messages as a SuperNode does
         # (node name, message type) -> None or "drop", for secure aggregation's key stages
         self.stage_fault: Callable = lambda *a: None
+        # message type -> whether what its ClientApp writes to the context state is kept (Flower
+        # pushes the context after the reply: the next message's process may not see it)
+        self.keeps_state: Callable = lambda message_type: True
 
     def get_nodes(self):
         # SuperLink order is arbitrary: the ServerApp must not depend on it.
@@ -61,8 +65,9 @@ class InMemoryGrid:
 
     def _reply(self, msg: Message, first: bool) -> Message | None:
         node = msg.metadata.dst_node_id
+        state = self.states.setdefault(node, RecordDict())
         context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
-                          state=self.states.setdefault(node, RecordDict()), run_config=self.run_config)
+                          state=state if self.keeps_state(msg.metadata.message_type) else copy.deepcopy(state), run_config=self.run_config)
         if msg.metadata.message_type == "query.init":
             return client_app.initial_adapter(msg, context)
         if handler := SECAGG_HANDLERS.get(msg.metadata.message_type):

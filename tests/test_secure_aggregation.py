@@ -83,14 +83,15 @@ def test_keys_shares_and_masked_updates_are_counted_apart(tmp_path, fast_init):
     [record] = metrics_of(run)
     d = sum(v.size for v in fast_init.values())
     assert record["secagg_bytes_masked"] == 3 * 2 * (d + ring.WEIGHT_DIGITS)  # 2 bytes per parameter, 4 digits of weight
-    # Keys: 3 x (two 33-byte keys + a 32-byte hash) up, then all 3 nodes' keys forwarded to each of the 3.
-    assert record["secagg_bytes_keys"] == 3 * 98 + 3 * 3 * 66
-    # Shares: 6 ciphertexts up (one per ordered pair), the same 6 down, then 3 x 3 shares of 52 bytes up.
-    ciphertexts = record["secagg_bytes_shares"] - 9 * 52
-    assert ciphertexts > 0 and ciphertexts % 12 == 0
-    assert record["bytes_up"] >= record["secagg_bytes_masked"] + 3 * 98 + 9 * 52
+    # Keys: 3 x (two 33-byte keys + a 32-byte hash) up; down, both keys of all 3 nodes to each at
+    # share-keys, then one key of each with the train message and one with unmask.
+    assert record["secagg_bytes_keys"] == 3 * 98 + 3 * 3 * 66 + 2 * 3 * 3 * 33
+    # Shares: 9 ciphertexts up (a 124-byte pair of shares per node, its own included, as a 248-byte
+    # Fernet token), the same 9 back down at unmask, then 9 shares of 52 bytes up.
+    assert record["secagg_bytes_shares"] == 2 * 9 * 248 + 9 * 52
+    assert record["bytes_up"] == record["secagg_bytes_masked"] + 3 * 98 + 9 * 248 + 9 * 52
     download = 3 * comm.transfer_bytes(comm.shapes_of(fast_init), comm.download_format(load_settings(secure_config(tmp_path)).comm.format))
-    assert record["bytes_down"] == download + 3 * 3 * 66 + ciphertexts // 2
+    assert record["bytes_down"] == download + 3 * 3 * 66 + 2 * 3 * 3 * 33 + 9 * 248
     assert set(record["secagg_seconds"]) == {"setup", "share-keys", "train", "unmask", "unmask-sum"}
 
 
@@ -118,6 +119,17 @@ def test_a_node_lost_before_its_masked_upload_is_excluded(tmp_path, fast_init, s
     assert all(np.abs(got[k] - want[k]).max() <= 3 * grid_step(secure_config(tmp_path), fast_init) for k in want)
 
 
+def test_only_setup_writes_the_node_state(tmp_path, fast_init):
+    """Flower pushes a ClientApp's context after its reply, so the next stage may start on the state
+    from before: every stage after setup works from what setup wrote and what the message brings."""
+    grid = InMemoryGrid(THREE, secure_config(tmp_path, **{"num-server-rounds": 2}), fake_secure_client)
+    grid.keeps_state = lambda message_type: message_type == "query.secagg_setup"
+    run = run_main(grid, run_id=12)
+    assert [(r["status"], r["failed"]) for r in metrics_of(run)] == [("aggregated", [])] * 2
+    got, want = saved_update(run, fast_init), expected_mean(THREE, fast_init)
+    assert all(np.abs(got[k] - want[k]).max() <= 3 * grid_step(secure_config(tmp_path), fast_init) for k in want)
+
+
 def test_below_the_threshold_the_round_follows_the_policy(tmp_path, fast_init):
     grid = InMemoryGrid(THREE, secure_config(tmp_path, **{"strategy.on-too-few-replies": "skip"}), fake_secure_client)
     grid.stage_fault = lambda name, stage: "drop" if name != "supernode-0" and stage == "query.secagg_setup" else None
@@ -129,7 +141,7 @@ def test_below_the_threshold_the_round_follows_the_policy(tmp_path, fast_init):
 
 
 class Tamper:
-    """A grid hook that flips one byte of the first `count` ciphertexts forwarded to supernode-0."""
+    """A grid hook that flips one byte of the first `count` ciphertexts brought back to supernode-0 at unmask."""
 
     def __init__(self, grid: InMemoryGrid, count: int) -> None:
         self.count, self.push = count, grid.push_messages
@@ -138,7 +150,7 @@ class Tamper:
 
     def __call__(self, messages):
         for msg in messages:
-            record = msg.content.get(RECORD) if msg.metadata.message_type == "train" else None
+            record = msg.content.get(RECORD) if msg.metadata.message_type == "query.secagg_unmask" else None
             if record is not None and msg.metadata.dst_node_id == self.target:
                 texts = list(record["ciphertexts"])
                 for i in range(min(self.count, len(texts))):
@@ -350,7 +362,7 @@ def test_a_node_answers_unmask_once(tmp_path, fast_init):
     msg, context = asks[0]
     record = msg.content[RECORD]
     # Asked again with the lists swapped (to get the other secret): the session is gone.
-    again = RecordDict({RECORD: ConfigRecord({"session": record["session"], "survivors": record["survivors"][:1], "dropped": record["survivors"][1:]})})
+    again = RecordDict({RECORD: ConfigRecord({**record, "survivors": record["survivors"][:1], "dropped": record["survivors"][1:]})})
     with pytest.raises(ProtocolError, match="no secure-aggregation session"):
         secagg_node.unmask(again, context)
 

@@ -36,7 +36,7 @@ def valid_replies(session: str) -> dict[str, dict]:
     key = encode_public_key(ec.generate_private_key(CURVE).public_key())
     return {
         "keys": {"session": session, "pk_c": key, "pk_s": key, "b_hash": hashlib.sha256(b"b").digest()},
-        "shares": {"session": session, "dst": ["22", "33"], "ciphertexts": [b"x" * 248, b"y" * 248]},
+        "shares": {"session": session, "dst": ["11", "22", "33"], "ciphertexts": [b"x" * 248, b"y" * 248, b"z" * 248]},
         "unmask": {"session": session, "nodes": ["11", "22"], "shares": [b"s" * 52, b"t" * 52]},
     }
 
@@ -45,7 +45,7 @@ def parse(made: SecureAttempt, stage: str, content: RecordDict):
     if stage == "keys":
         return made._read_keys(11, content)
     if stage == "shares":
-        return made._read_shares(11, content, {22, 33})
+        return made._read_shares(content, set(NODES))
     return made._read_unmask(content, set(NODES))
 
 

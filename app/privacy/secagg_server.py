@@ -88,12 +88,15 @@ def announcement(nodes: list[int], server_round: int, parameters: int, norm_boun
                         grid_levels=ring.levels(n), value_range=value_range)
 
 
-def payload_bytes(content: object) -> int:
-    """Bytes of keys, hashes, ciphertexts or shares in a message's `secagg` record."""
+KEY_FIELDS = ("pk_c", "pk_s", "b_hash")  # the rest of a record's bytes are shares (encrypted or not)
+
+
+def payload_bytes(content: object, keys: bool) -> int:
+    """Bytes of public keys and hashes (`keys`), else of shares, in a message's `secagg` record."""
     record = content.get(RECORD) if isinstance(content, RecordDict) else None
     if not isinstance(record, ConfigRecord):
         return 0
-    values = [v for value in record.values() for v in (value if isinstance(value, list) else [value])]
+    values = [v for name, value in record.items() if (name in KEY_FIELDS) == keys for v in (value if isinstance(value, list) else [value])]
     return sum(len(v) for v in values if isinstance(v, bytes))
 
 
@@ -114,16 +117,20 @@ class SecureAttempt:
             return self._stop(f"{len(keys)} node(s) answered setup, the threshold is {a.threshold}")
         forwarded = ConfigRecord({"session": a.session, "nodes": [str(n) for n in keys], "pk_c": [k[0] for k in keys.values()],
                                   "pk_s": [k[1] for k in keys.values()]})
-        sent_shares = self._stage(SHARE_KEYS, "share-keys", {n: forwarded for n in keys}, lambda n, c: self._read_shares(n, c, set(keys) - {n}))
-        self.out.bytes_keys += payload_bytes(RecordDict({RECORD: forwarded})) * len(keys)
+        sent_shares = self._stage(SHARE_KEYS, "share-keys", {n: forwarded for n in keys}, lambda n, c: self._read_shares(c, set(keys)))
         if len(sent_shares) < a.threshold:
             return self._stop(f"{len(sent_shares)} node(s) sent their shares, the threshold is {a.threshold}")
-        masked = self._train(train_messages, sent_shares, check)
+        holders = sorted(sent_shares)  # the nodes whose shares went out: each masks with all of them
+        masked = self._train(train_messages, ConfigRecord({"session": a.session, "nodes": [str(n) for n in holders],
+                                                           "pk_s": [keys[n][1] for n in holders]}), check)
         if len(masked) < a.min_nodes:
             return self._stop(f"{len(masked)} masked input(s), at least {a.min_nodes} are needed to unmask the sum")
-        dropped = sorted(set(sent_shares) - set(masked))
-        ask = ConfigRecord({"session": a.session, "survivors": [str(n) for n in sorted(masked)], "dropped": [str(n) for n in dropped]})
-        shares = self._stage(UNMASK, "unmask", {n: ask for n in masked}, lambda n, c: self._read_unmask(c, set(sent_shares)))
+        dropped = [n for n in holders if n not in masked]
+        asks = {n: ConfigRecord({"session": a.session, "survivors": [str(m) for m in sorted(masked)], "dropped": [str(d) for d in dropped],
+                                 "nodes": [str(h) for h in holders],
+                                 "pk_c": [keys[h][0] for h in holders], "ciphertexts": [sent_shares[h][n] for h in holders]})
+                for n in masked}
+        shares = self._stage(UNMASK, "unmask", asks, lambda n, c: self._read_unmask(c, set(holders)))
         started = time.perf_counter()
         try:
             self._unmask(masked, dropped, shares, keys)
@@ -147,18 +154,15 @@ class SecureAttempt:
         started = time.perf_counter()
         replies, _, _, problem = self.exchange(self.grid, messages, timeout)
         self.out.seconds[stage] = time.perf_counter() - started
-        if message_type != SETUP:
-            self.out.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        self._count_down(messages)
         got = {}
         for msg, reply, reason in self._pair(messages, replies, problem, timeout):
             node = msg.metadata.dst_node_id
             if reply is not None:
-                size = payload_bytes(reply.content)
-                self.out.bytes_up += size
-                if message_type == SETUP:
-                    self.out.bytes_keys += size
-                else:
-                    self.out.bytes_shares += size
+                keys, shares = payload_bytes(reply.content, keys=True), payload_bytes(reply.content, keys=False)
+                self.out.bytes_up += keys + shares
+                self.out.bytes_keys += keys
+                self.out.bytes_shares += shares
                 try:
                     got[node] = read(node, reply.content)
                     continue
@@ -168,6 +172,13 @@ class SecureAttempt:
                     reason = f"refused: unreadable reply ({type(exc).__name__}: {quote(exc)})"
             self._fail(node, stage, reason)
         return got
+
+    def _count_down(self, messages: list[Message]) -> None:
+        """The keys and shares a stage's messages forward (counted when pushed: they are small)."""
+        keys, shares = (sum(payload_bytes(m.content, keys=k) for m in messages) for k in (True, False))
+        self.out.bytes_down += keys + shares
+        self.out.bytes_keys += keys
+        self.out.bytes_shares += shares
 
     def _pair(self, messages: list[Message], replies: list[Message], problem: str | None, timeout: float):
         """Each message with its node's usable reply (None if none) and the reason it has none."""
@@ -189,7 +200,7 @@ class SecureAttempt:
         public_key(pk_s, "pk_s")
         return pk_c, pk_s, b_hash
 
-    def _read_shares(self, node: int, content: RecordDict, peers: set[int]) -> dict[int, bytes]:
+    def _read_shares(self, content: RecordDict, peers: set[int]) -> dict[int, bytes]:
         fields = content_of(content, {"session": str, "dst": list, "ciphertexts": list})
         self._same_session(fields)
         return mapping(fields, "dst", "ciphertexts", peers, most=MAX_CIPHERTEXT_BYTES)
@@ -207,26 +218,22 @@ class SecureAttempt:
         if fields["session"] != self.out.announced.session:
             raise ProtocolError(f"session {fields['session'][:64]!r}, expected this attempt's")
 
-    def _train(self, messages: list[Message], sent_shares: Mapping[int, Mapping[int, bytes]], check) -> dict[int, np.ndarray]:
-        """Push the train messages to the nodes whose shares went out, each with the shares
-        addressed to it; the masked inputs that pass the checks, by node."""
-        session, count = self.out.announced.session, self.out.announced.parameters + ring.WEIGHT_DIGITS
-        chosen = []
-        for msg in messages:  # the round's messages share one RecordDict: each node gets its own
-            if (node := msg.metadata.dst_node_id) in sent_shares:
-                senders = [s for s in sent_shares if s != node]
-                shares = ConfigRecord({"session": session, "src": [str(s) for s in senders], "ciphertexts": [sent_shares[s][node] for s in senders]})
-                content = RecordDict({**dict(msg.content.items()), RECORD: shares})
-                chosen.append(Message(content=content, message_type=msg.metadata.message_type, dst_node_id=node))
+    def _train(self, messages: list[Message], peers: ConfigRecord, check) -> dict[int, np.ndarray]:
+        """Push the train messages, with the `peers` to mask with, to those of them; the masked
+        inputs that pass the checks, by node."""
+        count = self.out.announced.parameters + ring.WEIGHT_DIGITS
+        holders = set(node_ids(peers["nodes"], "nodes"))
+        # The round's messages share one RecordDict: each node's gets its own, with the peers.
+        chosen = [Message(content=RecordDict({**dict(m.content.items()), RECORD: peers}), message_type=m.metadata.message_type,
+                          dst_node_id=m.metadata.dst_node_id) for m in messages if m.metadata.dst_node_id in holders]
         started = time.perf_counter()
         replies, self.out.sent, self.out.arrived, problem = self.exchange(self.grid, chosen, self.round_timeout)
         self.out.seconds["train"] = time.perf_counter() - started
+        self._count_down(chosen)
         masked = {}
         for msg, reply, reason in self._pair(chosen, replies, problem, self.round_timeout):
             node = msg.metadata.dst_node_id
             down = comm.record_bytes(msg.content["arrays"])
-            self.out.bytes_shares += payload_bytes(msg.content)
-            self.out.bytes_down += payload_bytes(msg.content)
             if reply is None:
                 self.out.bytes_down_unconfirmed += down
                 self._fail(node, "train", reason)
