@@ -320,7 +320,6 @@ class FedTuneProx(FedProx):
         record["train_loss"] = weighted_mean([c["train_loss"] for c in record["clients"]], weights)
         return new_master
 
-
     def _secure_attempt(self, grid: Grid, server_round: int, master: State, messages: list[Message], names: dict[int, str]) -> secagg_server.Attempt:
         """One attempt under secure aggregation (app/privacy/secagg_server.py); the round's bound
         cannot use the median update norm, which the ServerApp never sees."""
@@ -335,7 +334,7 @@ class FedTuneProx(FedProx):
         def check(content: RecordDict) -> dict[str, float]:
             return check_metrics(content, kinds, self.max_examples, settings.dataset.num_partitions)
 
-        attempt = secagg_server.SecureAttempt(grid, exchange, names, settings.strategy.round_timeout, noise)
+        attempt = secagg_server.SecureAttempt(grid, exchange, names, settings.strategy.round_timeout)
         return attempt.run(messages, announced, check)
 
     def _aggregate_secure(self, master: State, secure: secagg_server.Attempt, record: dict[str, Any], sent: float, arrived: dict[str, float]) -> State:

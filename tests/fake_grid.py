@@ -73,10 +73,7 @@ class InMemoryGrid:
         if handler := SECAGG_HANDLERS.get(msg.metadata.message_type):
             if self.stage_fault(self.nodes[node], msg.metadata.message_type) == "drop":
                 return None
-            try:
-                return handler(msg, context)
-            except Exception as exc:  # noqa: BLE001 - as a SuperNode reports a ClientApp that raised
-                return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+            return as_clientapp(handler, msg, context)
         server_round = int(msg.content["config"]["server-round"])
         if server_round == self.crash_at_round:
             raise KeyboardInterrupt("ServerApp killed")
@@ -90,6 +87,14 @@ class InMemoryGrid:
         if fault == "error":
             return Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)
         return self.client(msg, context)
+
+
+def as_clientapp(handler: Callable, msg: Message, context: Context) -> Message:
+    """`handler`'s reply, or the error reply a SuperNode sends when its ClientApp raises."""
+    try:
+        return handler(msg, context)
+    except Exception as exc:  # noqa: BLE001 - as a SuperNode reports it
+        return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
 
 
 SECAGG_HANDLERS = {"query.secagg_setup": client_app.secagg_setup, "query.secagg_share_keys": client_app.secagg_share_keys,

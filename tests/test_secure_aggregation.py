@@ -22,7 +22,7 @@ from app.privacy import ring, secagg_node, secagg_server
 from app.privacy.dp import node_noise_std
 from app.privacy.secagg_records import RECORD, ProtocolError
 from app.server_app import FedTuneProx
-from fake_grid import (FAKE_STEP, InMemoryGrid, fake_round, fake_secure_client, fast_init, metrics_of, run_main,  # noqa: F401 (fixtures)
+from fake_grid import (FAKE_STEP, InMemoryGrid, as_clientapp, fake_round, fake_secure_client, fast_init, metrics_of, run_main,  # noqa: F401 (fixtures)
                        task_identity, tiny_config)
 
 THREE = [f"supernode-{i}" for i in range(3)]
@@ -260,6 +260,24 @@ def test_a_sum_beyond_what_the_nodes_can_reach_is_refused(tmp_path, fast_init):
         run_main(InMemoryGrid(THREE, config, client), run_id=10)
     [record] = metrics_of(Path(config["results.dir"]) / "run-10")
     assert record["status"] == "skipped" and "the unmasked sum has norm" in record["skip_reason"]
+
+
+def test_a_node_with_a_non_finite_update_sends_nothing_and_is_excluded(tmp_path, fast_init):
+    def client(msg, context):
+        if context.node_config["partition-id"] != 1:
+            return fake_secure_client(msg, context)
+        update, metrics = fake_round(msg, context)
+        update = {k: np.full_like(v, np.nan) for k, v in update.items()}
+        return Message(RecordDict({"arrays": secagg_node.masked_update(update, 20.0, msg.content, context, 0.0)}), reply_to=msg)
+
+    grid = InMemoryGrid(THREE, secure_config(tmp_path), client)
+    grid.client = lambda msg, context: as_clientapp(client, msg, context)
+    run = run_main(grid, run_id=13)
+    [record] = metrics_of(run)
+    assert record["status"] == "aggregated" and sorted(c["partition_id"] for c in record["clients"]) == [0, 2]
+    assert "not finite" in record["failed"][0]["reason"]
+    got, want = saved_update(run, fast_init), expected_mean([THREE[0], THREE[2]], fast_init)
+    assert all(np.abs(got[k] - want[k]).max() <= 3 * grid_step(secure_config(tmp_path), fast_init) for k in want)
 
 
 def test_a_masked_weight_unlike_the_claimed_one_is_refused(tmp_path, fast_init):

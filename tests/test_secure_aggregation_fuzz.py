@@ -27,7 +27,7 @@ VALUES = st.one_of(SCALARS, LISTS)
 
 
 def attempt() -> SecureAttempt:
-    made = SecureAttempt(grid=None, exchange=None, names={n: str(n) for n in NODES}, round_timeout=5.0, noise_multiplier=0.0)
+    made = SecureAttempt(grid=None, exchange=None, names={n: str(n) for n in NODES}, round_timeout=5.0)
     made.out.announced = announcement(NODES, 1, 100, 1.0, 1.0, 10, 1, 0.0)
     return made
 

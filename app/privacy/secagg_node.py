@@ -116,7 +116,10 @@ def masked_update(update: Mapping[str, np.ndarray], num_examples: float, content
     count = sum(int(np.size(v)) for v in update.values())
     if count != announced.parameters:
         raise ProtocolError(f"the update has {count} values, the session announced {announced.parameters}")
-    clipped, _ = clip(update, update_norm(update), announced.norm_bound)
+    norm = update_norm(update)
+    if not np.isfinite(norm):  # a failed round: sent masked, nobody could tell it from a good one
+        raise ProtocolError("this node's update is not finite: it is not sent")
+    clipped, _ = clip(update, norm, announced.norm_bound)
     weight = min(int(num_examples), announced.max_weight)
     rng = np.random.default_rng(secrets.randbits(128))  # never the run's seed: nobody may predict the rounding or the noise
     weighted = {k: np.asarray(v, np.float32) * np.float32(weight) for k, v in clipped.items()}

@@ -30,7 +30,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from app import comm
 from app.aggregation.bounds import AGGREGATE_SLACK, AggregateRefused
-from app.aggregation.replies import ReplyRejected, check_metrics, error_reason, quote
+from app.aggregation.replies import ReplyRejected, error_reason, quote
 from app.privacy import ring
 from app.privacy.dp import node_noise_std
 from app.privacy.secagg_node import pairwise_seed, private_key
@@ -103,9 +103,8 @@ def payload_bytes(content: object, keys: bool) -> int:
 class SecureAttempt:
     """Runs one attempt's four stages over `grid` with `exchange` (app/server_app.py's)."""
 
-    def __init__(self, grid: Any, exchange: Exchange, names: Mapping[int, str], round_timeout: float, noise_multiplier: float) -> None:
-        self.grid, self.exchange, self.names = grid, exchange, names
-        self.round_timeout, self.noise_multiplier = round_timeout, noise_multiplier
+    def __init__(self, grid: Any, exchange: Exchange, names: Mapping[int, str], round_timeout: float) -> None:
+        self.grid, self.exchange, self.names, self.round_timeout = grid, exchange, names, round_timeout
         self.out = Attempt()
 
     def run(self, train_messages: list[Message], announced: Announcement, check: Callable[[RecordDict], dict[str, float]]) -> Attempt:
