@@ -116,7 +116,9 @@ def train(msg: Message, context: Context) -> Message:
     # The round's update relative to the adapter as received: see app/comm.py for why.
     update = comm.subtract(adapter, global_adapter)
     if settings.privacy.secure_aggregation:
+        masking = time.perf_counter()
         content = RecordDict({"arrays": secagg_node.masked_update(update, metrics["num-examples"], msg.content, context, settings.privacy.noise_multiplier)})
+        metrics["secagg-mask-seconds"] = time.perf_counter() - masking
     else:
         arrays, wire = comm.encode(update, fmt, comm.UPDATE, settings.comm.layout)
         content = RecordDict({"arrays": arrays, "wire": wire})

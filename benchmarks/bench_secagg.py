@@ -71,6 +71,7 @@ def run(mode: str, secure: bool, rounds: int, results: Path, extra: list[str], e
         "secure": secure, "wall_seconds": wall, "statuses": [r["status"] for r in records],
         "steady_round_seconds": steady, "steady_median": statistics.median(steady) if steady else None,
         "stage_median_seconds": {k: statistics.median(v) for k, v in stages.items()},
+        "node_mask_median_seconds": statistics.median(c.get("secagg_mask_seconds", 0.0) for r in records for c in r["clients"]),
         "bytes_up_per_round": statistics.median(r["bytes_up"] for r in records),
         "bytes_down_per_round": statistics.median(r["bytes_down"] for r in records),
         "secagg_bytes": {k: records[-1].get(f"secagg_bytes_{k}") for k in ("keys", "shares", "masked")},
@@ -99,7 +100,8 @@ def main() -> None:
     print(f"{'run':8} {'steady round s (median)':>24} {'bytes up/round':>15} {'statuses'}")
     for name, r in out["runs"].items():
         print(f"{name:8} {r['steady_median'] or float('nan'):24.2f} {r['bytes_up_per_round']:15,.0f} {' '.join(r['statuses'])}")
-    print("secure stages (median s):", ", ".join(f"{k} {v:.2f}" for k, v in secure["stage_median_seconds"].items()))
+    print("secure stages (median s):", ", ".join(f"{k} {v:.2f}" for k, v in secure["stage_median_seconds"].items()),
+          f"; a node's masking {secure['node_mask_median_seconds']:.2f}")
     print(f"steady secure / plain: {out['steady_ratio']:.2f}x (target <= 1.3x); upload {out['upload_ratio']:.2f}x")
     path = Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"secagg_{args.mode}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,5 +26,5 @@ def test_a_secure_run_completes(tmp_path):
         assert len(record["clients"]) == 3 and record["failed"] == [], record["failed"]  # secure aggregation samples at least 3
         assert record["secagg_bytes_masked"] == 3 * 2 * (summary["adapter_parameters"] + ring.WEIGHT_DIGITS)
         assert record["secagg_bytes_keys"] > 0 and record["secagg_bytes_shares"] > 0
-        assert all(c["resident"] for c in record["clients"])  # the resident trainer trained, the ClientApp masked
+        assert all(c["resident"] and c["secagg_mask_seconds"] > 0 for c in record["clients"])  # the resident trainer trained, the ClientApp masked
     assert summary["final_train_loss"] < rounds[0]["train_loss"] * 1.5

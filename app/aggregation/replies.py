@@ -25,6 +25,7 @@ CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples",
 KNOWN_METRICS = frozenset(CLIENT_METRICS) | {
     "skipped-rows", "client-round-seconds", "tokens", "steady-step-seconds", "t-train-start", "t-train-end", "t-process-start",
     "t-handler-start", "t-reply", "gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples", "peak-gpu-bytes",
+    "secagg-mask-seconds",
 }
 # A newer ClientApp's metrics still reach metrics.jsonl, a few and short-named (a node choosing
 # thousands of long keys would otherwise grow every metrics line without limit).

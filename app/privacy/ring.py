@@ -58,8 +58,10 @@ def quantize(values: np.ndarray, value_range: float, grid_levels: int, rng: np.r
     rounded (unbiased: E[k] = v / R x L)."""
     scaled = np.clip(np.asarray(values, dtype=np.float64), -value_range, value_range) * (grid_levels / value_range)
     floor = np.floor(scaled)
-    rounded = floor + (rng.random(scaled.shape) < scaled - floor)
-    return rounded.astype(np.int64).astype(RING_DTYPE)
+    scaled -= floor  # the fraction: rounded up with that probability
+    rounded = floor.astype(np.int32)
+    rounded += rng.random(scaled.shape) < scaled
+    return rounded.astype(RING_DTYPE)  # two's complement: negative values wrap into the ring
 
 
 def dequantize_sum(ring_sum: np.ndarray, value_range: float, grid_levels: int) -> np.ndarray:
