@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
+from app.privacy import secagg_node
 from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout
 from app.training.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
 
@@ -113,8 +114,32 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     # The round's update relative to the adapter as received: see app/comm.py for why.
-    arrays, wire = comm.encode(comm.subtract(adapter, global_adapter), fmt, comm.UPDATE, settings.comm.layout)
+    update = comm.subtract(adapter, global_adapter)
+    if settings.privacy.secure_aggregation:
+        masking = time.perf_counter()
+        content = RecordDict({"arrays": secagg_node.masked_update(update, metrics["num-examples"], msg.content, context, settings.privacy.noise_multiplier)})
+        metrics["secagg-mask-seconds"] = time.perf_counter() - masking
+    else:
+        arrays, wire = comm.encode(update, fmt, comm.UPDATE, settings.comm.layout)
+        content = RecordDict({"arrays": arrays, "wire": wire})
     # From handler entry to reply (process start-up before it is t-handler-start - t-process-start).
     metrics["clientapp-seconds"] = time.perf_counter() - started
     metrics["t-reply"] = time.time()
-    return Message(content=RecordDict({"arrays": arrays, "wire": wire, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    content["metrics"] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+# Secure aggregation's key stages (app/privacy/secagg_node.py); the masked update is `train`'s.
+@app.query("secagg_setup")
+def secagg_setup(msg: Message, context: Context) -> Message:
+    return Message(content=secagg_node.setup(msg.content, context), reply_to=msg)
+
+
+@app.query("secagg_share_keys")
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    return Message(content=secagg_node.share_keys(msg.content, context), reply_to=msg)
+
+
+@app.query("secagg_unmask")
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return Message(content=secagg_node.unmask(msg.content, context), reply_to=msg)

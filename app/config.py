@@ -229,6 +229,12 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (_FlatEnvSource(settings_cls), init_settings)
 
+    @model_validator(mode="after")
+    def _secure_aggregation_bound(self) -> Settings:
+        if self.privacy.secure_aggregation and self.strategy.update_norm_median_multiple > 0:
+            raise ValueError("strategy.update-norm-median-multiple must be 0 with privacy.secure-aggregation: the ServerApp sees no single update's norm")
+        return self
+
     def flat(self) -> dict[str, Any]:
         """The configuration as flat FlowerTune-style keys (`train.seq-length` ...)."""
         return flatten(self.model_dump(by_alias=True))

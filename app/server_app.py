@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedProx
 from flwr.superlink.grid import http_grid
@@ -45,10 +45,12 @@ from app.aggregation.aggregate import apply_mean_update, weighted_mean
 from app.aggregation.bounds import AggregateRefused, check_aggregate, clip, recipe_norm_bound, round_norm_bound, update_norm
 from app.aggregation.initial import INITIAL_ASK, InitialAdapterVote
 from app.aggregation.outcome import failure_reasons, run_failure
-from app.aggregation.replies import ReplyRejected, check_reply, error_reason, quote
-from app.config import Settings, load_settings
+from app.aggregation.replies import ReplyRejected, check_metrics, check_reply, error_reason, quote
+from app.config import ConfigError, Settings, load_settings
 from app.node.flwr_patches import PATCHED_VERSION, bound_reply_pulls, shorten_pull_retry
+from app.privacy import secagg_server
 from app.privacy.central import RoundPrivacy
+from app.privacy.dp import guaranteed_noise_multiplier
 from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.results.metrics import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
@@ -159,6 +161,10 @@ class FedTuneProx(FedProx):
         self.cumulative_bytes = 0  # continued from the checkpoint's run state on resume
         self.max_examples = max_num_examples(settings)
         self.privacy = RoundPrivacy(settings, self.max_examples)  # refuses DP without a weight cap
+        self.secure = settings.privacy.secure_aggregation
+        if self.secure and self.max_examples is None:
+            raise ConfigError("privacy.secure-aggregation needs a bound on a node's weight: set strategy.max-num-examples "
+                              "(the dataset is not one the server knows the partition size of)")
 
     def lr(self, server_round: int) -> float:
         train = self.settings.train
@@ -168,7 +174,9 @@ class FedTuneProx(FedProx):
         strategy, comm_settings = self.settings.strategy, self.settings.comm
         needed = max(strategy.min_train_nodes, strategy.min_replies)
         nodes = wait_for_nodes(grid, needed, f"round {server_round}")
-        size = max(int(len(nodes) * strategy.fraction_train), needed)
+        size = max(int(len(nodes) * strategy.fraction_train), needed, secagg_server.MIN_NODES if self.secure else 1)
+        if self.secure and len(nodes) < size:
+            nodes = wait_for_nodes(grid, size, f"round {server_round} (secure aggregation takes {size} nodes)")
         nodes = sample_nodes(nodes, size, self.settings.seed, server_round, attempt)
         config = ConfigRecord({"server-round": server_round, "proximal-mu": self.proximal_mu, "lr": self.lr(server_round)})
         arrays, wire = comm.encode(master, comm.download_format(comm_settings.format), comm.WEIGHTS, comm_settings.layout)
@@ -224,10 +232,22 @@ class FedTuneProx(FedProx):
         new_master = master
         shapes = comm.shapes_of(master)
         attempts = 1 + (strategy.max_retries if strategy.on_too_few_replies == "retry" else 0)
+        if self.secure:
+            record.update(secagg_bytes_keys=0, secagg_bytes_shares=0, secagg_bytes_masked=0, secagg_seconds={})
         for attempt in range(attempts):
             messages, names = self.configure_round(server_round, master, grid, attempt)
-            replies, sent, arrived, problem = exchange(grid, messages, strategy.round_timeout)
-            got = self.collect(messages, replies, names, shapes, problem)
+            if self.secure:
+                secure = self._secure_attempt(grid, server_round, master, messages, names)
+                got, sent, arrived = vars(secure), secure.sent, secure.arrived
+                for key in ("bytes_keys", "bytes_shares", "bytes_masked"):
+                    record[f"secagg_{key}"] += got[key]
+                for stage, seconds in secure.seconds.items():
+                    record["secagg_seconds"][stage] = record["secagg_seconds"].get(stage, 0.0) + seconds
+                if secure.problem:
+                    record["skip_reason"] = secure.problem
+            else:
+                replies, sent, arrived, problem = exchange(grid, messages, strategy.round_timeout)
+                got = self.collect(messages, replies, names, shapes, problem)
             record["attempts"] += 1
             record["failures"] += len(got["failed"])
             record["failed"] += [dict(f, attempt=attempt) for f in got["failed"]]
@@ -235,14 +255,19 @@ class FedTuneProx(FedProx):
                 record[key] += got[key]
             if len(got["valid"]) >= strategy.min_replies:
                 aggregate_start = time.perf_counter()
-                new_master = self._aggregate(master, got["valid"], record, sent, arrived)
+                if self.secure:
+                    new_master = self._aggregate_secure(master, secure, record, sent, arrived)
+                else:
+                    new_master = self._aggregate(master, got["valid"], record, sent, arrived)
                 record["aggregate_seconds"] = time.perf_counter() - aggregate_start
                 break
             log.warning(
                 "round %d attempt %d: %d usable replies of %d sampled, below strategy.min-replies=%d",
                 server_round, attempt + 1, len(got["valid"]), len(messages), strategy.min_replies,
             )
-        if record["status"] != "aggregated" and record["skip_reason"] is None:
+        if record["status"] == "aggregated":
+            record["skip_reason"] = None  # an earlier attempt's reason, since retried
+        elif record["skip_reason"] is None:
             record["skip_reason"] = f"fewer than strategy.min-replies={strategy.min_replies} usable replies"
         round_bytes = record["bytes_down"] + record["bytes_up"]
         self.cumulative_bytes += round_bytes
@@ -284,20 +309,7 @@ class FedTuneProx(FedProx):
             updates.append(clipped)
             weights.append(metrics["num-examples"])
             record["clipped"] += int(scale < 1.0)
-            client = {key.replace("-", "_"): value for key, value in metrics.items()}
-            client.update(
-                update_norm=norm,
-                update_scale=scale,
-                dropped_metrics=len(reply.content["metrics"]) - len(metrics),
-                node_id=reply.metadata.src_node_id,
-                partition_id=int(metrics["partition-id"]),
-                num_examples=int(metrics["num-examples"]),
-                skipped_rows=int(metrics.get("skipped-rows", 0)),
-                resident=bool(metrics["resident"]),
-                bytes_up=comm.record_bytes(reply.content[self.arrayrecord_key]),
-                t_sent=sent,
-                t_received=arrived.get(msg.metadata.message_id),
-            )
+            client = client_entry(msg, reply, metrics, sent, arrived, norm, scale)
             record["clients"].append(client)
             if scale < 1.0:
                 log.warning("round %d: node %d's update (norm %.4g) clipped to the norm bound %.4g", record["round"], client["node_id"], norm, bound)
@@ -314,6 +326,72 @@ class FedTuneProx(FedProx):
         record["status"] = "aggregated"
         record["train_loss"] = weighted_mean([c["train_loss"] for c in record["clients"]], weights)
         return new_master
+
+    def _secure_attempt(self, grid: Grid, server_round: int, master: State, messages: list[Message], names: dict[int, str]) -> secagg_server.Attempt:
+        """One attempt under secure aggregation (app/privacy/secagg_server.py); the round's bound
+        cannot use the median update norm, which the ServerApp never sees."""
+        settings, parameters = self.settings, sum(v.size for v in master.values())
+        bound = self.norm_bound(server_round, parameters, [])
+        recipe = recipe_norm_bound(settings.train.training_arguments.max_steps, self.lr(server_round), parameters)
+        noise = settings.privacy.noise_multiplier
+        announced = secagg_server.announcement([m.metadata.dst_node_id for m in messages], server_round, parameters, bound, recipe,
+                                               self.max_examples, settings.strategy.min_replies, noise)
+        kinds = {self.arrayrecord_key: ArrayRecord, "metrics": MetricRecord}
+
+        def check(content: RecordDict) -> dict[str, float]:
+            return check_metrics(content, kinds, self.max_examples, settings.dataset.num_partitions)
+
+        attempt = secagg_server.SecureAttempt(grid, exchange, names, settings.strategy.round_timeout)
+        return attempt.run(messages, announced, check)
+
+    def _aggregate_secure(self, master: State, secure: secagg_server.Attempt, record: dict[str, Any], sent: float, arrived: dict[str, float]) -> State:
+        """The new global adapter from the unmasked sum; the old one (round skipped, reason
+        recorded) if the sum is beyond what the round's nodes can honestly reach."""
+        record["norm_bound"], record["clipped"] = secure.announced.norm_bound, None  # each node clips its own
+        weights = [metrics["num-examples"] for *_, metrics in secure.valid]
+        record["clients"] += [client_entry(msg, reply, metrics, sent, arrived, None, None) for msg, reply, _, metrics in secure.valid]
+        try:
+            mean = secagg_server.mean_update(secure, comm.shapes_of(master), sum(weights), self.settings.privacy.noise_multiplier)
+        except AggregateRefused as exc:
+            record["skip_reason"] = str(exc)
+            return master
+        finally:  # the sum was computed from the updates: it spends, released or refused
+            record.update(self._spend_secure(secure))
+        record["status"] = "aggregated"
+        record["train_loss"] = weighted_mean([c["train_loss"] for c in record["clients"]], weights)
+        return apply_mean_update(master, [mean], [1.0])
+
+
+    def _spend_secure(self, secure: secagg_server.Attempt) -> dict[str, Any]:
+        """Privacy of a secure round: every node added its noise share for `min_nodes` shares;
+        shares beyond those are not counted, so the guarantee against the coordinator holds with
+        any min_nodes of the round's nodes (a node colluding with it knows its own share: README)."""
+        if not self.privacy.on:
+            return self.privacy.spend()
+        min_nodes = secure.announced.min_nodes
+        guaranteed = min(len(secure.valid), min_nodes)
+        multiplier = guaranteed_noise_multiplier(self.privacy.noise_multiplier, min_nodes, guaranteed)
+        return self.privacy.spend(noise_multiplier=multiplier, guaranteed_shares=guaranteed)
+
+
+def client_entry(msg: Message, reply: Message, metrics: dict[str, float], sent: float, arrived: dict[str, float],
+                 norm: float | None, scale: float | None) -> dict[str, Any]:
+    """A counted node's line in the round's `clients`."""
+    client: dict[str, Any] = {key.replace("-", "_"): value for key, value in metrics.items()}
+    client.update(
+        update_norm=norm,
+        update_scale=scale,
+        dropped_metrics=len(reply.content["metrics"]) - len(metrics),
+        node_id=reply.metadata.src_node_id,
+        partition_id=int(metrics["partition-id"]),
+        num_examples=int(metrics["num-examples"]),
+        skipped_rows=int(metrics.get("skipped-rows", 0)),
+        resident=bool(metrics["resident"]),
+        bytes_up=comm.record_bytes(reply.content["arrays"]),
+        t_sent=sent,
+        t_received=arrived.get(msg.metadata.message_id),
+    )
+    return client
 
 
 def known_weight_cap(settings: Settings) -> int | None:

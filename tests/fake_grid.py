@@ -3,6 +3,7 @@ for tests that drive the real ServerApp (`main`, `FedTuneProx`) without processe
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import app.client_app as client_app
 from app import comm, server_app
+from app.privacy import secagg_node
 
 SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of errors the SuperLink makes up
 
@@ -34,6 +36,12 @@ class InMemoryGrid:
         self.sent: list[tuple[int, str]] = []  # (round, node name) of every train message
         self.crash_at_round: int | None = None
         self.replies: dict[str, Message] = {}  # pushed messages' replies, by message id
+        self.states: dict[int, RecordDict] = {}  # each node's context state, kept across messages as a SuperNode does
+        # (node name, message type) -> None or "drop", for secure aggregation's key stages
+        self.stage_fault: Callable = lambda *a: None
+        # message type -> whether what its ClientApp writes to the context state is kept (Flower
+        # pushes the context after the reply: the next message's process may not see it)
+        self.keeps_state: Callable = lambda message_type: True
 
     def get_nodes(self):
         # SuperLink order is arbitrary: the ServerApp must not depend on it.
@@ -57,10 +65,15 @@ class InMemoryGrid:
 
     def _reply(self, msg: Message, first: bool) -> Message | None:
         node = msg.metadata.dst_node_id
+        state = self.states.setdefault(node, RecordDict())
         context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
-                          state=RecordDict(), run_config=self.run_config)
+                          state=state if self.keeps_state(msg.metadata.message_type) else copy.deepcopy(state), run_config=self.run_config)
         if msg.metadata.message_type == "query.init":
             return client_app.initial_adapter(msg, context)
+        if handler := SECAGG_HANDLERS.get(msg.metadata.message_type):
+            if self.stage_fault(self.nodes[node], msg.metadata.message_type) == "drop":
+                return None
+            return as_clientapp(handler, msg, context)
         server_round = int(msg.content["config"]["server-round"])
         if server_round == self.crash_at_round:
             raise KeyboardInterrupt("ServerApp killed")
@@ -75,6 +88,17 @@ class InMemoryGrid:
             return Message(Error(code=2, reason="ClientApp raised"), reply_to=msg)
         return self.client(msg, context)
 
+
+def as_clientapp(handler: Callable, msg: Message, context: Context) -> Message:
+    """`handler`'s reply, or the error reply a SuperNode sends when its ClientApp raises."""
+    try:
+        return handler(msg, context)
+    except Exception as exc:  # noqa: BLE001 - as a SuperNode reports it
+        return Message(Error(code=2, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+SECAGG_HANDLERS = {"query.secagg_setup": client_app.secagg_setup, "query.secagg_share_keys": client_app.secagg_share_keys,
+                   "query.secagg_unmask": client_app.secagg_unmask}
 
 # The fake update's step per partition id: small enough that the default norm bound clips nothing.
 FAKE_STEP = 0.01
@@ -91,13 +115,27 @@ def initial_state() -> dict[str, np.ndarray]:
     return state
 
 
-def fake_client(msg: Message, context: Context) -> Message:
-    """A reply without training: an update of FAKE_STEP x the partition id p everywhere, 10 * (p + 1) examples."""
+def fake_round(msg: Message, context: Context) -> tuple[dict, dict]:
+    """An update of FAKE_STEP x the partition id p everywhere and metrics claiming 10 * (p + 1) examples."""
     p = int(context.node_config["partition-id"])
     update = {k: np.full_like(v, FAKE_STEP * p) for k, v in comm.decode(msg.content["arrays"], msg.content["wire"]).items()}
     metrics = {"partition-id": float(p), "train-loss": 1.0 + p, "proximal-term": 0.0, "num-examples": 10.0 * (p + 1),
                "train-seconds": 0.0, "clientapp-seconds": 0.0, "model-load-seconds": 0.0, "resident": 0.0}
+    return update, metrics
+
+
+def fake_client(msg: Message, context: Context) -> Message:
+    """A reply without training (fake_round's)."""
+    update, metrics = fake_round(msg, context)
     return reply_with(msg, update, metrics, client_app.load_settings(dict(context.run_config)).comm.format)
+
+
+def fake_secure_client(msg: Message, context: Context) -> Message:
+    """fake_round's update and metrics, masked for secure aggregation as the ClientApp does."""
+    update, metrics = fake_round(msg, context)
+    noise = client_app.load_settings(dict(context.run_config)).privacy.noise_multiplier
+    arrays = secagg_node.masked_update(update, metrics["num-examples"], msg.content, context, noise)
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 def reply_with(msg: Message, update: dict, metrics: dict, fmt: str) -> Message:

@@ -66,6 +66,21 @@ def test_generator_nodes_gpus_and_flags():
                                     *(f"certs-supernode-{i}" for i in range(5)), "model-cache", "superlink-state"}
 
 
+def test_secure_aggregation_is_a_setting_of_the_stack():
+    from app.config import load_settings, parse_overrides
+
+    run = compose_spec(StackSpec(nodes=5))["services"]["run"]["command"]
+    config = run[run.index("--run-config") + 1]
+    assert "privacy.secure-aggregation=${FEDTUNE_SECURE_AGGREGATION:-false}" in config
+    for value in (True, False):  # what compose substitutes from .env is a valid setting
+        substituted = config.replace("${FEDTUNE_SECURE_AGGREGATION:-false}", str(value).lower())
+        assert load_settings(parse_overrides(substituted)).privacy.secure_aggregation is value
+    # The stack's own run config, when it sets it, decides instead of .env.
+    chosen = compose_spec(StackSpec(nodes=5, run_config="privacy.secure-aggregation=true"))["services"]["run"]["command"]
+    config = chosen[chosen.index("--run-config") + 1]
+    assert "FEDTUNE_SECURE_AGGREGATION" not in config and "privacy.secure-aggregation=true" in config
+
+
 def test_evaluate_and_report_follow_a_successful_run_and_end_the_stack():
     spec = compose_spec(StackSpec(nodes=5, gpus=3, eval_limit=100))
     services = spec["services"]

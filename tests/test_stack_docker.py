@@ -380,3 +380,18 @@ def test_two_hosts_reach_the_superlink_only_through_the_edge(images, tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
     for stack in stacks:
         assert stack.leftovers() == {"containers": [], "networks": [], "volumes": []}
+
+
+def test_smoke_stack_runs_with_secure_aggregation(images, tmp_path):
+    """FEDTUNE_SECURE_AGGREGATION=true (as from .env) turns secure aggregation on for the whole stack."""
+    result = smoke(nodes=6, rounds=2, results=tmp_path / "results", project="fedtune-test-smoke-secure", secure_aggregation=True)
+    assert result.run_exit_code == 0, result.log
+    [run_dir] = result.run_dirs
+    assert json.loads((run_dir / "config.json").read_text())["privacy.secure-aggregation"] is True
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in rounds] == ["aggregated", "aggregated"]
+    for record in rounds:
+        assert record["failures"] == 0 and len(record["clients"]) == 3
+        assert record["secagg_bytes_masked"] == sum(c["bytes_up"] for c in record["clients"]) > 0
+        assert record["secagg_bytes_keys"] > 0 and record["secagg_bytes_shares"] > 0
+    assert result.leftovers == {"containers": [], "networks": [], "volumes": []}

@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from app import comm
 
@@ -25,6 +25,7 @@ CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples",
 KNOWN_METRICS = frozenset(CLIENT_METRICS) | {
     "skipped-rows", "client-round-seconds", "tokens", "steady-step-seconds", "t-train-start", "t-train-end", "t-process-start",
     "t-handler-start", "t-reply", "gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples", "peak-gpu-bytes",
+    "secagg-mask-seconds",
 }
 # A newer ClientApp's metrics still reach metrics.jsonl, a few and short-named (a node choosing
 # thousands of long keys would otherwise grow every metrics line without limit).
@@ -75,10 +76,20 @@ def check_reply(
 
 def _check(reply: Message, shapes, fmt: str, max_examples: int | None, num_partitions: int | None) -> tuple[State, dict[str, float]]:
     content = reply.content
-    missing = [k for k in ("arrays", "wire", "metrics") if k not in content]
+    metrics = check_metrics(content, {"arrays": ArrayRecord, "wire": ConfigRecord, "metrics": MetricRecord}, max_examples, num_partitions)
+    try:
+        update = comm.decode(content["arrays"], content["wire"], expect_shapes=shapes, expect_format=fmt, expect_content=comm.UPDATE)
+    except comm.WireError as exc:
+        raise ReplyRejected(f"update refused: {quote(exc)}") from None
+    return update, metrics
+
+
+def check_metrics(content: RecordDict, kinds: Mapping[str, type], max_examples: int | None, num_partitions: int | None) -> dict[str, float]:
+    """The metrics to keep of a reply that must hold records of `kinds`, its example count and
+    partition checked; ReplyRejected naming why not."""
+    missing = [k for k in kinds if k not in content]
     if missing:
         raise ReplyRejected(f"reply lacks {missing}; has {quote(sorted(content.keys()))}")
-    kinds = {"arrays": ArrayRecord, "wire": ConfigRecord, "metrics": MetricRecord}
     if wrong := [k for k, kind in kinds.items() if not isinstance(content[k], kind)]:
         raise ReplyRejected(f"reply records {wrong} are not of the expected kinds ({', '.join(k.__name__ for k in kinds.values())})")
     metrics = kept_metrics(dict(content["metrics"]))
@@ -90,11 +101,7 @@ def _check(reply: Message, shapes, fmt: str, max_examples: int | None, num_parti
     partition = metrics["partition-id"]
     if partition < 0 or partition != int(partition) or (num_partitions is not None and partition >= num_partitions):
         raise ReplyRejected(f"partition-id {partition!r} is not one of 0..{num_partitions - 1 if num_partitions else 'n'} (dataset.num-partitions)")
-    try:
-        update = comm.decode(content["arrays"], content["wire"], expect_shapes=shapes, expect_format=fmt, expect_content=comm.UPDATE)
-    except comm.WireError as exc:
-        raise ReplyRejected(f"update refused: {quote(exc)}") from None
-    return update, metrics
+    return metrics
 
 
 def kept_metrics(metrics: dict) -> dict[str, float]:

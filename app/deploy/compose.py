@@ -392,6 +392,16 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
     return node
 
 
+# Secure aggregation (app/privacy/) on or off from .env, unless the stack's run config sets it.
+SECURE_AGGREGATION = "privacy.secure-aggregation=${FEDTUNE_SECURE_AGGREGATION:-false}"
+
+
+def _secure_aggregation_setting(spec: StackSpec) -> str:
+    from app.config import parse_overrides
+
+    return "" if "privacy.secure-aggregation" in parse_overrides(spec.run_config) else SECURE_AGGREGATION
+
+
 def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
     from app.deploy.launcher import PENDING_TIMEOUT, PENDING_TIMEOUT_ENV
 
@@ -407,8 +417,7 @@ def _run_service(spec: StackSpec, paths) -> dict[str, Any]:
     ]
     if spec.rounds is not None:
         command += ["--rounds", str(spec.rounds)]
-    if run_config := _run_config(spec):
-        command += ["--run-config", run_config]
+    command += ["--run-config", " ".join(filter(None, [_secure_aggregation_setting(spec), _run_config(spec)]))]
     # On one host `run` waits for the model cache too: a first download (16 GB for the seed
     # model) must not count against its wait for the SuperNodes, which start only after it.
     cache = {"model-cache": DONE} if spec.role == "all" else {}
@@ -541,9 +550,10 @@ def _dumper():
 
 ENV_HELP = {
     "all": "FEDTUNE_BASE_IMAGE, FEDTUNE_PIP_OFFLINE, FEDTUNE_UID/GID,\n# FEDTUNE_RESULTS, "
-           "FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN, FEDTUNE_PENDING_TIMEOUT, FEDTUNE_MEM_<SERVICE>.",
+           "FEDTUNE_APP_IMAGE, FEDTUNE_SUPERLINK_IMAGE, HF_TOKEN, FEDTUNE_PENDING_TIMEOUT, FEDTUNE_MEM_<SERVICE>,\n# "
+           "FEDTUNE_SECURE_AGGREGATION.",
     "superlink": "FEDTUNE_CERTS_DIR, FEDTUNE_RESULTS,\n# FEDTUNE_EDGE_PUBLISH, FEDTUNE_CONTROL_PUBLISH, "
-                 "FEDTUNE_EDGE_BASE_IMAGE, FEDTUNE_EDGE_IMAGE, image settings as in compose.yaml.",
+                 "FEDTUNE_EDGE_BASE_IMAGE, FEDTUNE_EDGE_IMAGE, FEDTUNE_SECURE_AGGREGATION, image settings as in compose.yaml.",
     "site": "FEDTUNE_SUPERLINK_ADDRESS, FEDTUNE_PARTITION_ID,\n# FEDTUNE_NUM_PARTITIONS, FEDTUNE_GPU, "
             "FEDTUNE_CERTS_DIR, HF_TOKEN, image settings as in compose.yaml.",
 }

@@ -262,7 +262,7 @@ def _image_uid(stack: Stack, image: str) -> int:
 
 def smoke(
     nodes: int = DEFAULT_NODES, rounds: int = 2, results: Path | None = None, project: str = "fedtune-smoke",
-    timeout: float = 1200.0, build: bool = False, keep: bool = False, check=None, out=sys.stdout,
+    timeout: float = 1200.0, build: bool = False, keep: bool = False, check=None, out=sys.stdout, secure_aggregation: bool = False,
 ) -> SmokeResult:
     """Bring the stack up with the tiny profile and no GPU, run `rounds` rounds, tear it down.
 
@@ -275,7 +275,8 @@ def smoke(
     compose_file = work / "compose.smoke.yaml"
     compose_file.write_text(render_compose(spec))
     results = Path(results or REPO / "results").resolve()
-    stack = Stack(compose_file, project, env={"FEDTUNE_RESULTS": str(results)}, out=out)
+    env = {"FEDTUNE_RESULTS": str(results), "FEDTUNE_SECURE_AGGREGATION": str(secure_aggregation).lower()}
+    stack = Stack(compose_file, project, env=env, out=out)
     _ensure_results_dir(results, _image_uid(stack, app_image()))
     before = {p.name for p in results.glob("run-*")}
     stack.down()  # leftovers of an earlier, interrupted smoke run

@@ -298,7 +298,7 @@ def cmd_smoke(args) -> int:
 
     try:
         result = smoke(nodes=args.nodes, rounds=args.rounds, results=Path(args.results) if args.results else None,
-                       project=args.project, timeout=args.timeout, build=args.build, keep=args.keep)
+                       project=args.project, timeout=args.timeout, build=args.build, keep=args.keep, secure_aggregation=args.secure_aggregation)
     except StackError as exc:
         print(f"fedtune stack smoke FAILED: {exc}", file=sys.stderr)
         return 1
@@ -355,6 +355,7 @@ def register(subparsers) -> None:
     sm.add_argument("--project", default="fedtune-smoke")
     sm.add_argument("--timeout", type=float, default=1200.0)
     sm.add_argument("--build", action="store_true", help="(re)build the images first")
+    sm.add_argument("--secure-aggregation", action="store_true", help="with privacy.secure-aggregation=true (FEDTUNE_SECURE_AGGREGATION)")
     sm.add_argument("--keep", action="store_true", help="leave the stack up (tear down with docker compose -p PROJECT down -v)")
     sm.set_defaults(func=cmd_smoke)
 
