@@ -134,6 +134,7 @@ class NodeRegistry:
 
     def node_for(self, token: object):
         """The worker.NodeData the token is registered for; PermissionError for any other token."""
+        from app.node.read_policy import check_node_data_path
         from app.training.worker import NodeData
 
         if not isinstance(token, str) or not token:
@@ -142,6 +143,7 @@ class NodeRegistry:
         digest = token_digest(token)
         for known, binding in self.nodes.items():
             if hmac.compare_digest(known, digest):
+                check_node_data_path(binding.data_path)
                 return NodeData(binding.partition_id, binding.num_partitions, binding.data_path)
         raise PermissionError(f"this device trainer does not know this SuperNode's token ({TOKEN_ENV}); "
                               "was it issued by the launch that started the trainer?")

@@ -206,7 +206,7 @@ class TrainerServer:
             return self._health(), None
         try:
             node = self.registry.node_for(header.get("token")) if self.registry is not None else None
-        except PermissionError as exc:
+        except (PermissionError, ValueError) as exc:  # an unknown token, a data-path the site does not allow
             log.warning("refused a trainer request: %s", exc)
             return {"error": str(exc)}, None
         if not self._wait_for_turn(conn):
