@@ -33,7 +33,7 @@ def device(tmp_path, monkeypatch):
     files[0].write_text(_rows(7, "a"))
     files[1].write_text(_rows(11, "b"))
     monkeypatch.setenv(READ_DIRS_ENV, str(data))
-    bindings = [Binding(3, PARTITIONS, str(files[0])), Binding(5, PARTITIONS, str(files[1]))]
+    bindings = {0: Binding(3, PARTITIONS, str(files[0])), 1: Binding(5, PARTITIONS, str(files[1]))}
     registry, tokens = issue_tokens(tmp_path / "trainer", bindings)
     server = TrainerServer(tmp_path / "trainer" / "gpu0.sock", "device", NodeRegistry.load(registry))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -86,7 +86,9 @@ def test_a_registered_data_path_outside_the_read_dirs_is_refused(device, tmp_pat
 
 
 def test_tokens_are_private_and_the_registry_holds_only_their_digests(tmp_path):
-    registry, tokens = issue_tokens(tmp_path / "t", [Binding(i, 3) for i in range(3)])
+    registry, tokens = issue_tokens(tmp_path / "t", {i: Binding(i, 3) for i in range(3)})
+    assert sorted(p.name for p in tokens.values()) == ["token-0", "token-1", "token-2"]
+    tokens = list(tokens.values())
     texts = [path.read_text().strip() for path in tokens]
     assert len(set(texts)) == 3 and all(len(t) == 64 for t in texts)
     for path in (registry, *tokens):

@@ -76,14 +76,14 @@ def write_registry(path: Path, bindings: dict[str, Binding]) -> None:
     write_private(path, (json.dumps({"nodes": nodes}, indent=1) + "\n").encode())
 
 
-def issue_tokens(directory: Path, bindings: list[Binding]) -> tuple[Path, list[Path]]:
-    """A fresh token per node (token-<i> files) and the registry beside them; (registry, token files)."""
-    tokens = [new_token() for _ in bindings]
-    files = [directory / f"token-{i}" for i in range(len(bindings))]
-    for path, token in zip(files, tokens, strict=True):
-        write_token(path, token)
+def issue_tokens(directory: Path, bindings: dict[int, Binding]) -> tuple[Path, dict[int, Path]]:
+    """A fresh token per node (file token-<node>) and the registry beside them: (registry, {node: token file})."""
+    tokens = {node: new_token() for node in bindings}
+    files = {node: directory / f"token-{node}" for node in bindings}
+    for node, path in files.items():
+        write_token(path, tokens[node])
     registry = directory / "registry.json"
-    write_registry(registry, dict(zip(tokens, bindings, strict=True)))
+    write_registry(registry, {tokens[node]: binding for node, binding in bindings.items()})
     return registry, files
 
 
