@@ -29,7 +29,7 @@ COMMANDS = {
     "eval-run": "app.evaluation.run_eval",
 }
 # Commands the containers and the launcher run, not people: they work, but the help omits them.
-HIDDEN = {"fedtune": {"supernode", "trainer", "eval-run"}, "fedtune stack": {"certs", "register", "cache"}}
+HIDDEN = {"fedtune": {"supernode", "trainer", "eval-run"}, "fedtune stack": {"certs", "trainer-tokens", "register", "cache"}}
 # Those print a traceback on an unexpected error: it goes to a service's log, for its operator.
 IN_CONTAINER = {"supernode", "trainer", "eval-run"}
 DEBUG_FLAG = "--debug"

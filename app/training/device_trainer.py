@@ -61,19 +61,19 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def write_token(path: Path, token: str) -> None:
+def write_token(path: Path, token: str, owner: tuple[int, int] | None = None) -> None:
     from app.deploy.certs import write_private  # here: a ClientApp reading its token needs no cryptography
 
-    write_private(path, (token + "\n").encode())
+    write_private(path, (token + "\n").encode(), owner)
 
 
-def write_registry(path: Path, bindings: dict[str, Binding]) -> None:
+def write_registry(path: Path, bindings: dict[str, Binding], owner: tuple[int, int] | None = None) -> None:
     """The registry of `bindings` (token -> node), as token digests."""
     from app.deploy.certs import write_private
 
     nodes = {token_digest(token): {"partition-id": b.partition_id, "num-partitions": b.num_partitions, "data-path": b.data_path}
              for token, b in bindings.items()}
-    write_private(path, (json.dumps({"nodes": nodes}, indent=1) + "\n").encode())
+    write_private(path, (json.dumps({"nodes": nodes}, indent=1) + "\n").encode(), owner)
 
 
 def issue_tokens(directory: Path, bindings: dict[int, Binding]) -> tuple[Path, dict[int, Path]]:
