@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
-from app.training.device_trainer import read_token
+from app.training.node_tokens import read_token
 from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout, trainer_id
 from app.training.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
 

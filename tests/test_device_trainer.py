@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from app.training.device_trainer import TOKEN_ENV, Binding, NodeRegistry, RegistryError, issue_tokens, read_token, token_digest
+from app.training.node_tokens import TOKEN_ENV, Binding, NodeRegistry, RegistryError, issue_tokens, read_token, token_digest
 from app.training.trainer_service import SOCKET_ENV, TrainerServer, call_trainer
 from app.training.worker import NodeData, RoundWorker, TrainRequest
 

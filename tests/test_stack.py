@@ -307,7 +307,7 @@ def test_trainer_tokens_fill_each_volume_with_its_own_files(tmp_path, capsys):
     import types
 
     from app.deploy.stack import cmd_trainer_tokens
-    from app.training.device_trainer import NodeRegistry, read_token
+    from app.training.node_tokens import NodeRegistry, read_token
 
     args = types.SimpleNamespace(export=str(tmp_path), devices="0,1,0", partitions=3, owner=None)
     assert cmd_trainer_tokens(args) == 0

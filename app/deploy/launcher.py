@@ -761,7 +761,7 @@ class DeviceTrainers:
 
     @classmethod
     def issue(cls, settings: Settings, nodes: int, gpus: list[str]) -> DeviceTrainers:
-        from app.training.device_trainer import Binding, issue_tokens
+        from app.training.node_tokens import Binding, issue_tokens
 
         node_device = [gpus[i % len(gpus)] if gpus else "cpu" for i in range(nodes)]
         trainers = cls(Path(tempfile.mkdtemp(prefix="fedtune-trainers-")), list(dict.fromkeys(node_device)), node_device)

@@ -89,7 +89,7 @@ def cmd_trainer_tokens(args) -> int:
     named by app.deploy.compose.trainer_volume under --export, owned by --owner; the socket
     volumes are made the containers' user's, mode 0700."""
     from app.deploy.compose import REGISTRY_FILE, TOKEN_FILE, trainer_volume
-    from app.training.device_trainer import Binding, new_token, write_registry, write_token
+    from app.training.node_tokens import Binding, new_token, write_registry, write_token
 
     try:
         owner = _owner(args.owner) if args.owner else None

@@ -315,7 +315,7 @@ def serve(socket_path: str, registry_path: str | None = None) -> None:
     a device trainer (app/training/device_trainer.py)."""
     registry = None
     if registry_path:
-        from app.training.device_trainer import NodeRegistry
+        from app.training.node_tokens import NodeRegistry
 
         registry = NodeRegistry.load(Path(registry_path))
     server = TrainerServer(Path(socket_path), "device" if registry else "node", registry)
@@ -450,7 +450,7 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None, token_
     try:
         env = dict(os.environ, **{SOCKET_ENV: socket_path}, **gate.env)
         if token_file is not None:
-            from app.training.device_trainer import TOKEN_ENV
+            from app.training.node_tokens import TOKEN_ENV
 
             env[TOKEN_ENV] = os.path.abspath(token_file)
         # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
