@@ -18,9 +18,9 @@ from app.training.trainer_service import TrainerUnavailable, call_trainer
 NODES, ROUNDS = 20, 2
 
 
-def _launch(results: Path, nodes: int, rounds: int, run_config: str) -> subprocess.Popen:
+def _launch(results: Path, nodes: int, rounds: int, run_config: str, *flags: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "app.cli", "local", "up", "--profile", "tiny", "--supernodes", str(nodes),
-                             "--rounds", str(rounds), "--insecure", "--no-eval", "--results", str(results), "--run-config", run_config],
+                             "--rounds", str(rounds), "--no-eval", "--results", str(results), "--run-config", run_config, *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
@@ -61,6 +61,8 @@ def federations(tmp_path_factory):
     out = {}
     for placement in ("node", "device"):
         results = tmp_path_factory.mktemp(placement)
+        # TLS and registered nodes (the default): the ServerApp samples nodes by their registered
+        # names, so both federations train the same partitions each round.
         proc = _launch(results, NODES, ROUNDS, f"trainer.placement={placement}")
         seen: list[list[str]] = []
 
@@ -84,6 +86,8 @@ def test_device_placement_ends_with_the_adapter_of_node_placement(federations):
     assert adapters["node"].keys() == adapters["device"].keys()
     assert all(np.array_equal(adapters["node"][k], adapters["device"][k]) for k in adapters["node"])  # bit for bit
     assert losses["node"] == losses["device"] and len(losses["node"]) == ROUNDS
+    sampled = {p: [[c["partition_id"] for c in r["clients"]] for r in _rounds(results)] for p, (_, _, results, _) in federations.items()}
+    assert sampled["node"] == sampled["device"]
 
 
 def test_device_placement_starts_one_trainer_and_loads_the_model_once(federations):
@@ -117,7 +121,7 @@ def test_a_trainer_killed_mid_round_falls_back_and_is_replaced(tmp_path):
     """SIGKILL the device trainer while it serves a round: its queued and running requests train
     in-process, no round fails, the watchdog starts a new trainer and later rounds use it."""
     rounds = 5
-    proc = _launch(tmp_path, 3, rounds, "trainer.placement=device strategy.fraction-train=1.0")
+    proc = _launch(tmp_path, 3, rounds, "trainer.placement=device strategy.fraction-train=1.0", "--insecure")
     killed: list[int] = []
 
     def kill_when_busy(line):
