@@ -115,6 +115,7 @@ def test_a_bad_token_file_is_named(tmp_path):
     (json.dumps({"nodes": {"abc": {}}}), "expected a key of 64 hex digits"),
     (json.dumps({"nodes": {"a" * 64: {"partition-id": 20, "num-partitions": 20}}}), "0 <= partition-id < num-partitions"),
     (json.dumps({"nodes": {"a" * 64: {"partition-id": 1, "num-partitions": 20, "data-path": 3}}}), "data-path: expected a string"),
+    (json.dumps({"nodes": {}, "preload": "profile=tiny"}), "preload: expected a run config object, got str"),
 ])
 def test_a_bad_registry_names_the_file_and_field(tmp_path, content, field):
     path = tmp_path / "registry.json"
@@ -180,3 +181,25 @@ def test_a_malformed_trainer_id_is_dropped(record):
     assert reply_trainer_id(msg) is None
     msg = Message(RecordDict(dict(content, trainer=ConfigRecord({"trainer-id": "device:gpu0:123"}))), dst_node_id=7, message_type="train")
     assert reply_trainer_id(msg) == "device:gpu0:123"
+
+
+def test_a_preloaded_trainer_serves_its_first_request_without_loading(tmp_path, capfd):
+    """The launcher names the run in the registry: the trainer loads its model at start, and a
+    request that comes meanwhile waits its turn instead of loading a second time."""
+    registry, tokens = issue_tokens(tmp_path / "t", {0: Binding(3, PARTITIONS)}, preload=RUN_CONFIG)
+    loaded = NodeRegistry.load(registry)
+    assert loaded.preload == RUN_CONFIG
+    server = TrainerServer(tmp_path / "t" / "s.sock", "device", loaded)
+    server.preload(loaded.preload)
+    assert server._busy is not None  # loading, before any request
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        token = read_token({TOKEN_ENV: str(tokens[0])})
+        _, adapter = call_trainer(str(server.path), {"op": "init", "run_config": RUN_CONFIG, "token": token}, None, 5.0, 600.0)
+        reference = RoundWorker().initial_adapter(RUN_CONFIG)
+        assert all(np.array_equal(adapter[k], reference[k]) for k in reference)
+        assert capfd.readouterr().err.count("fedtune-model loading tiny") == 2  # the trainer's once, the reference's
+    finally:
+        server.stop()
+        thread.join(timeout=5)

@@ -675,7 +675,7 @@ def local_up(args) -> int:
         paths = None
     security = _INSECURE if paths is None else _secure(paths)
     federation = Federation(log_dir)
-    trainers = DeviceTrainers.issue(settings, args.supernodes, gpus) if device_placement(settings) else None
+    trainers = DeviceTrainers.issue(settings, run_config, args.supernodes, gpus) if device_placement(settings) else None
     federation.watchers.append(NodeLogWatcher(log_dir, [*(trainers.names() if trainers else []),
                                                         *(f"supernode-{i}" for i in range(args.supernodes))]))
     # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
@@ -760,14 +760,16 @@ class DeviceTrainers:
     node_device: list[str]  # the device of node i
 
     @classmethod
-    def issue(cls, settings: Settings, nodes: int, gpus: list[str]) -> DeviceTrainers:
+    def issue(cls, settings: Settings, run_config: dict[str, Any], nodes: int, gpus: list[str]) -> DeviceTrainers:
         from app.training.node_tokens import Binding, issue_tokens
 
         node_device = [gpus[i % len(gpus)] if gpus else "cpu" for i in range(nodes)]
         trainers = cls(Path(tempfile.mkdtemp(prefix="fedtune-trainers-")), list(dict.fromkeys(node_device)), node_device)
         parts = settings.dataset.num_partitions
         for device in trainers.devices:
-            issue_tokens(trainers.directory(device), {i: Binding(i, parts) for i, d in enumerate(node_device) if d == device})
+            # preload: each trainer loads the run's model while the SuperNodes start (not in round 1's way)
+            issue_tokens(trainers.directory(device), {i: Binding(i, parts) for i, d in enumerate(node_device) if d == device},
+                         preload=run_config)
         return trainers
 
     @staticmethod

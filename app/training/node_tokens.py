@@ -48,23 +48,26 @@ def write_token(path: Path, token: str, owner: tuple[int, int] | None = None) ->
     write_private(path, (token + "\n").encode(), owner)
 
 
-def write_registry(path: Path, bindings: dict[str, Binding], owner: tuple[int, int] | None = None) -> None:
-    """The registry of `bindings` (token -> node), as token digests."""
+def write_registry(path: Path, bindings: dict[str, Binding], owner: tuple[int, int] | None = None,
+                   preload: dict | None = None) -> None:
+    """The registry of `bindings` (token -> node), as token digests; `preload`: the run config
+    whose model the trainer loads as soon as it starts (the launcher knows the run already)."""
     from app.deploy.certs import write_private
 
     nodes = {token_digest(token): {"partition-id": b.partition_id, "num-partitions": b.num_partitions, "data-path": b.data_path}
              for token, b in bindings.items()}
-    write_private(path, (json.dumps({"nodes": nodes}, indent=1) + "\n").encode(), owner)
+    content = {"nodes": nodes, **({"preload": preload} if preload is not None else {})}
+    write_private(path, (json.dumps(content, indent=1) + "\n").encode(), owner)
 
 
-def issue_tokens(directory: Path, bindings: dict[int, Binding]) -> tuple[Path, dict[int, Path]]:
+def issue_tokens(directory: Path, bindings: dict[int, Binding], preload: dict | None = None) -> tuple[Path, dict[int, Path]]:
     """A fresh token per node (file token-<node>) and the registry beside them: (registry, {node: token file})."""
     tokens = {node: new_token() for node in bindings}
     files = {node: directory / f"token-{node}" for node in bindings}
     for node, path in files.items():
         write_token(path, tokens[node])
     registry = directory / "registry.json"
-    write_registry(registry, {tokens[node]: binding for node, binding in bindings.items()})
+    write_registry(registry, {tokens[node]: binding for node, binding in bindings.items()}, preload=preload)
     return registry, files
 
 
@@ -86,8 +89,8 @@ class RegistryError(ValueError):
 class NodeRegistry:
     """Token digest -> the node's Binding, from the file the launcher wrote."""
 
-    def __init__(self, nodes: dict[str, Binding]) -> None:
-        self.nodes = nodes
+    def __init__(self, nodes: dict[str, Binding], preload: dict | None = None) -> None:
+        self.nodes, self.preload = nodes, preload
 
     @classmethod
     def load(cls, path: Path) -> NodeRegistry:
@@ -98,6 +101,9 @@ class NodeRegistry:
         entries = raw.get("nodes") if isinstance(raw, dict) else None
         if not isinstance(entries, dict):
             raise RegistryError(f"trainer registry {path}: expected an object with `nodes`: {{sha256 of a token: node}}")
+        preload = raw.get("preload")
+        if preload is not None and not isinstance(preload, dict):
+            raise RegistryError(f"trainer registry {path}: preload: expected a run config object, got {type(preload).__name__}")
         nodes = {}
         for digest, entry in entries.items():
             where = f"trainer registry {path}: nodes[{str(digest)[:16]}...]"
@@ -111,7 +117,7 @@ class NodeRegistry:
             if not isinstance(data, str):
                 raise RegistryError(f"{where}.data-path: expected a string, got {type(data).__name__}")
             nodes[digest] = Binding(pid, parts, data)
-        return cls(nodes)
+        return cls(nodes, preload)
 
     def node_for(self, token: object):
         """The worker.NodeData the token is registered for; PermissionError for any other token."""

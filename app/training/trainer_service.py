@@ -224,6 +224,29 @@ class TrainerServer:
             self._leave_queue(self._queue[0])
         return reply, reply_tensors
 
+    def preload(self, run_config: dict[str, Any]) -> None:
+        """Load the run's model now, in the first turn, while the SuperNodes connect: a device
+        trainer's launcher knows the run, so its first request need not wait for the load.
+        Requests that come meanwhile queue behind it; a failure leaves the load to them."""
+        from app.config import load_settings
+
+        ticket = object()
+        with self._turns:
+            self._queue.append(ticket)
+        self._busy = (time.monotonic(), request_timeout(load_settings(run_config), "init"))
+
+        def load() -> None:
+            try:
+                self._dispatch({"op": "init", "run_config": run_config}, {})
+                self._report_device()
+            except Exception:  # noqa: BLE001 - the first request loads it and reports why it cannot
+                log.exception("preloading the model failed; the first request loads it")
+            finally:
+                self._busy = None
+                self._leave_queue(ticket)
+
+        threading.Thread(target=load, daemon=True).start()
+
     def _wait_for_turn(self, conn: socket.socket) -> bool:
         """Queue this request; tell its ClientApp where it stands until its turn, then `started`.
         False when the ClientApp is gone meanwhile (it gave up, or fell back in-process)."""
@@ -319,6 +342,8 @@ def serve(socket_path: str, registry_path: str | None = None) -> None:
 
         registry = NodeRegistry.load(Path(registry_path))
     server = TrainerServer(Path(socket_path), "device" if registry else "node", registry)
+    if registry is not None and registry.preload is not None:
+        server.preload(registry.preload)
 
     def stop(*_):
         server.stop()
