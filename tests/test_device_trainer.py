@@ -203,3 +203,18 @@ def test_a_preloaded_trainer_serves_its_first_request_without_loading(tmp_path, 
     finally:
         server.stop()
         thread.join(timeout=5)
+
+
+def test_reissued_tokens_are_honoured_by_a_running_trainer(tmp_path):
+    """`docker compose up` again reissues every token while a trainer container may keep running."""
+    registry, tokens = issue_tokens(tmp_path / "t", {0: Binding(3, PARTITIONS)})
+    loaded = NodeRegistry.load(registry)
+    old = read_token({TOKEN_ENV: str(tokens[0])})
+    assert loaded.node_for(old).partition_id == 3
+    issue_tokens(tmp_path / "t", {0: Binding(3, PARTITIONS)})
+    new = read_token({TOKEN_ENV: str(tokens[0])})
+    assert loaded.node_for(new).partition_id == 3
+    with pytest.raises(PermissionError):
+        loaded.node_for(old)
+    registry.write_text("{broken")  # a bad rewrite keeps the last good registry
+    assert loaded.node_for(new).partition_id == 3

@@ -15,10 +15,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "FEDTUNE_TRAINER_TOKEN"  # path of this node's token file
 TOKEN_BYTES = 32
@@ -82,15 +85,37 @@ def read_token(environ=os.environ) -> str | None:
     return token
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is replaced (temp + rename: a new inode) or rewritten."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 class RegistryError(ValueError):
     """A registry file that cannot be used; the message names the file and the field."""
 
 
 class NodeRegistry:
-    """Token digest -> the node's Binding, from the file the launcher wrote."""
+    """Token digest -> the node's Binding, from the file the launcher wrote. A file rewritten
+    later (a Compose `up` reissues the tokens while a trainer container keeps running) is read
+    again before the next lookup; one that cannot be read then leaves the last good one."""
 
-    def __init__(self, nodes: dict[str, Binding], preload: dict | None = None) -> None:
-        self.nodes, self.preload = nodes, preload
+    def __init__(self, nodes: dict[str, Binding], preload: dict | None = None, path: Path | None = None) -> None:
+        self.nodes, self.preload, self.path = nodes, preload, path
+        self._stamp = _stamp(path) if path is not None else None
+
+    def _refresh(self) -> None:
+        if self.path is None or (stamp := _stamp(self.path)) == self._stamp:
+            return
+        try:
+            fresh = NodeRegistry.load(self.path)
+        except RegistryError as exc:
+            log.warning("%s; keeping the registry read before", exc)
+            return
+        self.nodes, self._stamp = fresh.nodes, stamp
 
     @classmethod
     def load(cls, path: Path) -> NodeRegistry:
@@ -117,7 +142,7 @@ class NodeRegistry:
             if not isinstance(data, str):
                 raise RegistryError(f"{where}.data-path: expected a string, got {type(data).__name__}")
             nodes[digest] = Binding(pid, parts, data)
-        return cls(nodes, preload)
+        return cls(nodes, preload, path)
 
     def node_for(self, token: object):
         """The worker.NodeData the token is registered for; PermissionError for any other token."""
@@ -127,6 +152,7 @@ class NodeRegistry:
         if not isinstance(token, str) or not token:
             raise PermissionError("this device trainer serves registered SuperNodes only: the request has no token "
                                   f"(the SuperNode's {TOKEN_ENV})")
+        self._refresh()
         digest = token_digest(token)
         for known, binding in self.nodes.items():
             if hmac.compare_digest(known, digest):
