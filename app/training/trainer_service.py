@@ -141,8 +141,7 @@ class TrainerServer:
 
     def __init__(self, path: Path, placement: str = "node", registry=None) -> None:
         self.path = path
-        self.registry = registry
-        self.trainer_id = trainer_id(placement, os.getpid())
+        self.registry, self.placement = registry, placement
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.is_socket():
             path.unlink()  # left by a killed predecessor
@@ -224,6 +223,10 @@ class TrainerServer:
             self._leave_queue(self._queue[0])
         return reply, reply_tensors
 
+    @property
+    def trainer_id(self) -> str:
+        return trainer_id(self.placement, os.getpid())  # not in __init__: it imports pydantic, an idle node stays small
+
     def preload(self, run_config: dict[str, Any]) -> None:
         """Load the run's model now, in the first turn, while the SuperNodes connect: a device
         trainer's launcher knows the run, so its first request need not wait for the load.
@@ -271,10 +274,10 @@ class TrainerServer:
     def _health(self) -> dict[str, Any]:
         busy, waiting = self._busy, max(0, len(self._queue) - 1)
         if busy is None:
-            return {"ok": True, "busy_seconds": 0.0, "overdue": False, "waiting": waiting, "trainer_id": self.trainer_id}
+            return {"ok": True, "busy_seconds": 0.0, "overdue": False, "waiting": waiting}
         elapsed, timeout = time.monotonic() - busy[0], busy[1]
         return {"ok": True, "busy_seconds": elapsed, "overdue": timeout is not None and elapsed > timeout + OVERDUE_GRACE_SECONDS,
-                "waiting": waiting, "trainer_id": self.trainer_id}
+                "waiting": waiting}
 
     def _report_device(self) -> None:
         """Once, after the first request put the model on its device: the physical GPU this
