@@ -4,6 +4,7 @@ import json
 import os
 import stat
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -218,3 +219,14 @@ def test_reissued_tokens_are_honoured_by_a_running_trainer(tmp_path):
         loaded.node_for(old)
     registry.write_text("{broken")  # a bad rewrite keeps the last good registry
     assert loaded.node_for(new).partition_id == 3
+
+
+def test_a_preload_that_fails_leaves_the_trainer_serving(tmp_path, caplog):
+    server = TrainerServer(tmp_path / "s.sock", "device", NodeRegistry({}))
+    server.preload({"profile": "tiny", "train.seq-length": -1})  # refused by the configuration
+    deadline = time.monotonic() + 30
+    while server._queue and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server._queue and server._busy is None
+    assert "preloading the model failed; the first request loads it" in caplog.text
+    server.stop()

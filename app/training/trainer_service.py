@@ -236,10 +236,11 @@ class TrainerServer:
         ticket = object()
         with self._turns:
             self._queue.append(ticket)
-        self._busy = (time.monotonic(), request_timeout(load_settings(run_config), "init"))
+        self._busy = (time.monotonic(), None)
 
         def load() -> None:
             try:
+                self._busy = (self._busy[0], request_timeout(load_settings(run_config), "init"))
                 self._dispatch({"op": "init", "run_config": run_config}, {})
                 self._report_device()
             except Exception:  # noqa: BLE001 - the first request loads it and reports why it cannot
