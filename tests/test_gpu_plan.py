@@ -142,13 +142,39 @@ def test_launcher_refuses_before_starting_anything(tmp_path, monkeypatch, capsys
         f"0, GPU-0, NVIDIA H100 80GB HBM3, 81559, {H100_FREE_MIB}\n"))
     monkeypatch.setattr(launcher.Federation, "start", lambda self, *a, **k: started.append(a))
     args = types.SimpleNamespace(
-        profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"), run_config="",
+        profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"), run_config="trainer.placement=node",
         supernodes=20, gpus="0", insecure=True, connect_timeout=5.0, resume_from="",
     )
     assert launcher.local_up(args) == 2
     err = capsys.readouterr().err
-    assert "does not fit in GPU memory: GPU 0" in err and "trainer.resident=false" in err
+    assert "does not fit in GPU memory: GPU 0" in err and "trainer.resident=false" in err and "trainer.placement=device" in err
     assert started == [] and not (tmp_path / "results").exists()
+
+
+def test_launcher_takes_device_placement_when_the_plan_chooses_it(tmp_path, monkeypatch, capsys):
+    """No placement given: 20 seed nodes on one H100 launch with device placement, the run says so."""
+    monkeypatch.setattr(gpu_plan, "query_gpus", lambda runner=None: gpu_plan.parse_query_gpus(
+        f"0, GPU-0, NVIDIA H100 80GB HBM3, 81559, {H100_FREE_MIB}\n"))
+    args = types.SimpleNamespace(profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"),
+                                 run_config="", supernodes=20, gpus="0", resume_from="")
+    run_config, settings = launcher.check_local_up(args)
+    assert settings.trainer.placement == "device" and run_config["trainer.placement"] == "device"
+    assert "trainer.placement" in run_config["explicit-keys"].split(",")  # the profile cannot undo the choice
+    assert "using trainer.placement=device instead" in capsys.readouterr().out
+    trainers = launcher.DeviceTrainers.issue(settings, run_config, 20, ["0", "1"])
+    try:
+        assert trainers.devices == ["0", "1"] and trainers.names() == ["trainer-gpu0", "trainer-gpu1"]
+        assert trainers.node_args(3) == ["--trainer-socket", str(trainers.socket("1")), "--trainer-token",
+                                         str(trainers.directory("1") / "token-3")]
+        from app.training.node_tokens import NodeRegistry, read_token
+
+        registry = NodeRegistry.load(trainers.directory("1") / "registry.json")
+        assert registry.preload == run_config and len(registry.nodes) == 10
+        token = read_token({"FEDTUNE_TRAINER_TOKEN": trainers.node_args(3)[-1]})
+        assert registry.node_for(token).partition_id == 3
+    finally:
+        trainers.remove()
+    assert not trainers.root.exists()
 
 
 def test_describe_device_line_round_trip():
