@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_multi_gpu import GIB, _versions, build_model, gpu_inventory, run_federation  # noqa: E402
+from bench_multi_gpu import GIB, _versions, build_model, gpu_inventory, prepare_data, run_federation  # noqa: E402
 
 PHASES = {"device": "trainer.placement=device", "nonresident": "trainer.resident=false", "node": "trainer.placement=node"}
 
@@ -88,13 +88,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny profile")
     args = parser.parse_args()
 
-    import bench_client_round
-
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "long_flashcards.jsonl"
-    if not data.exists():
-        bench_client_round.write_long_flashcards(data)
+    data = prepare_data(work)
     gpus = [g for g in args.gpus.split(",") if g]
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
