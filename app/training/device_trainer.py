@@ -19,7 +19,14 @@ unknown or missing token is refused. Nothing else of a node stays in the trainer
 requests but its tokenised partition (RoundWorker's cache): each reply is the adapter trained
 from the global adapter that request sent. The registry holds digests, not tokens; the socket
 is still 0600 with the peer's uid checked. Data paths and the run config's reads go through
-app/node/read_policy.py as in every trainer (RoundWorker.train).
+app/node/read_policy.py as in every trainer (RoundWorker.train). Under `fedtune local up` every
+process runs as the launching user, who can read all token files (and all the data) anyway: there
+the token keeps a ClientApp to its own partition; in Compose each token is in a volume that only
+its SuperNode's container mounts.
+
+The launcher also names the run in the registry (`preload`): the trainer loads that run's model
+as soon as it starts, while the SuperNodes register and connect, so round 1 does not wait for the
+load (BENCHMARKS.md, "Device trainer").
 
 `fedtune trainer --socket S --registry R` runs one under the per-node trainer's watchdog (a
 trainer that dies or hangs is restarted; the rounds it held fall back to in-process training);
