@@ -230,3 +230,20 @@ def test_a_preload_that_fails_leaves_the_trainer_serving(tmp_path, caplog):
     assert not server._queue and server._busy is None
     assert "preloading the model failed; the first request loads it" in caplog.text
     server.stop()
+
+
+def test_a_supernode_of_a_device_trainer_starts_no_trainer_and_passes_its_token(tmp_path, monkeypatch):
+    from app.training.trainer_service import run_supernode
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "flower-supernode"
+    # The fake SuperNode reports what its ClientApps would inherit, and which processes run beside it.
+    fake.write_text(f'#!/bin/sh\necho "${SOCKET_ENV} ${TOKEN_ENV}" > {tmp_path}/env\nps -o args= --ppid $PPID > {tmp_path}/siblings\nexit 0\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    socket_path, token = tmp_path / "device" / "trainer.sock", tmp_path / "token-3"
+    assert run_supernode(["--insecure"], str(socket_path), str(token)) == 0
+    assert (tmp_path / "env").read_text().split() == [str(socket_path), str(token)]
+    assert "trainer_service serve" not in (tmp_path / "siblings").read_text()  # the device's trainer is not this node's
+    assert run_supernode(["--insecure"], None, str(token)) == 2  # a token without the device trainer's socket
