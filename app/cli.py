@@ -21,6 +21,7 @@ COMMANDS = {
     "local": "app.deploy.launcher",
     "run": "app.deploy.launcher",
     "supernode": "app.training.trainer_service",
+    "trainer": "app.training.device_trainer",
     "certs": "app.deploy.certs",
     "eval": "app.evaluation.cli",
     "stack": "app.deploy.stack",
@@ -28,9 +29,9 @@ COMMANDS = {
     "eval-run": "app.evaluation.run_eval",
 }
 # Commands the containers and the launcher run, not people: they work, but the help omits them.
-HIDDEN = {"fedtune": {"supernode", "eval-run"}, "fedtune stack": {"certs", "register", "cache"}}
+HIDDEN = {"fedtune": {"supernode", "trainer", "eval-run"}, "fedtune stack": {"certs", "trainer-tokens", "register", "cache"}}
 # Those print a traceback on an unexpected error: it goes to a service's log, for its operator.
-IN_CONTAINER = {"supernode", "eval-run"}
+IN_CONTAINER = {"supernode", "trainer", "eval-run"}
 DEBUG_FLAG = "--debug"
 
 

@@ -19,7 +19,8 @@ from flwr.clientapp import ClientApp
 from app import comm
 from app.config import load_settings
 from app.privacy import secagg_node
-from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout
+from app.training.node_tokens import read_token
+from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout, trainer_id
 from app.training.worker import NodeData, RoundWorker, TrainRequest  # torch is imported lazily, in-process only
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,12 @@ IN_PROCESS = RoundWorker()
 def _trainer_socket(resident: bool) -> str | None:
     path = os.environ.get(SOCKET_ENV)
     return path if resident and path else None
+
+
+def _with_token(header: dict) -> dict:
+    """A device trainer knows this node by the token its launcher gave it (app/training/device_trainer.py)."""
+    token = read_token()
+    return dict(header, token=token) if token else header
 
 
 def _process_start_time() -> float:
@@ -57,7 +64,7 @@ def initial_adapter(msg: Message, context: Context) -> Message:
     adapter = None
     if socket_path := _trainer_socket(settings.trainer.resident):
         try:
-            _, adapter = call_trainer(socket_path, {"op": "init", "run_config": run_config}, None, settings.trainer.connect_timeout,
+            _, adapter = call_trainer(socket_path, _with_token({"op": "init", "run_config": run_config}), None, settings.trainer.connect_timeout,
                                       request_timeout(settings, "init"))
         except TrainerUnavailable as exc:
             log.warning("%s; initialising in-process", exc)
@@ -85,20 +92,20 @@ def train(msg: Message, context: Context) -> Message:
         msg.content["arrays"], msg.content["wire"], expect_format=comm.download_format(fmt), expect_content=comm.WEIGHTS
     )
 
-    adapter, metrics, resident = None, None, 0.0
+    adapter, metrics, resident, ran_on = None, None, 0.0, trainer_id(settings.trainer.placement, None)
     if socket_path := _trainer_socket(settings.trainer.resident):
-        header = {
+        header = _with_token({
             "op": "train",
             "run_config": run_config,
             "node": vars(request.node),
             "server_round": request.server_round,
             "lr": request.lr,
             "proximal_mu": request.proximal_mu,
-        }
+        })
         try:
             reply, adapter = call_trainer(socket_path, header, global_adapter, settings.trainer.connect_timeout,
                                           request_timeout(settings, "train"))
-            metrics, resident = reply["metrics"], 1.0
+            metrics, resident, ran_on = reply["metrics"], 1.0, str(reply.get("trainer_id", ran_on))
         except TrainerUnavailable as exc:
             log.warning("%s; training in-process", exc)
     if adapter is None:
@@ -126,6 +133,8 @@ def train(msg: Message, context: Context) -> Message:
     metrics["clientapp-seconds"] = time.perf_counter() - started
     metrics["t-reply"] = time.time()
     content["metrics"] = MetricRecord(metrics)
+    # Which trainer ran the round (a string: MetricRecord holds numbers only); the ServerApp checks it.
+    content[comm.TRAINER_RECORD] = ConfigRecord({comm.TRAINER_ID_KEY: ran_on})
     return Message(content=content, reply_to=msg)
 
 

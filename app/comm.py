@@ -53,6 +53,9 @@ LAYOUTS = ("packed", "per-array")
 RAW_STYPE = "raw.le"  # little-endian bytes; what they encode is in the message's index
 PACKED_KEY = "packed"
 WEIGHTS, UPDATE = "weights", "update"
+# A reply's ConfigRecord naming the trainer that ran the round (`placement:device:process`,
+# app/training/trainer_service.py trainer_id): a string, which a MetricRecord cannot hold.
+TRAINER_RECORD, TRAINER_ID_KEY = "trainer", "trainer-id"
 
 State = Mapping[str, np.ndarray]
 

@@ -136,8 +136,12 @@ class DatasetSettings(_Section):
 
 
 class TrainerSettings(_Section):
-    # Keep the base model in a long-lived process per SuperNode (see app/training/trainer_service.py).
+    # Keep the base model in a long-lived process (see app/training/trainer_service.py).
     resident: bool = True
+    # Where that process runs: "node", one per SuperNode; "device", one per GPU (and one for the
+    # CPU) serving every SuperNode placed on it in turn (app/training/device_trainer.py). The
+    # launcher's GPU memory plan picks "device" when per-node residents do not fit.
+    placement: Literal["node", "device"] = "node"
     connect_timeout: float = Field(5.0, gt=0.0)
     # A resident trainer that takes longer than load-seconds + steps x step-seconds for a round
     # counts as hung: its ClientApp trains in-process, its SuperNode restarts it

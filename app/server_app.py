@@ -45,7 +45,7 @@ from app.aggregation.aggregate import apply_mean_update, weighted_mean
 from app.aggregation.bounds import AggregateRefused, check_aggregate, clip, recipe_norm_bound, round_norm_bound, update_norm
 from app.aggregation.initial import INITIAL_ASK, InitialAdapterVote
 from app.aggregation.outcome import failure_reasons, run_failure
-from app.aggregation.replies import ReplyRejected, check_metrics, check_reply, error_reason, quote
+from app.aggregation.replies import ReplyRejected, check_metrics, check_reply, error_reason, quote, reply_trainer_id
 from app.config import ConfigError, Settings, load_settings
 from app.node.flwr_patches import PATCHED_VERSION, bound_reply_pulls, shorten_pull_retry
 from app.privacy import secagg_server
@@ -387,6 +387,7 @@ def client_entry(msg: Message, reply: Message, metrics: dict[str, float], sent: 
         num_examples=int(metrics["num-examples"]),
         skipped_rows=int(metrics.get("skipped-rows", 0)),
         resident=bool(metrics["resident"]),
+        trainer_id=reply_trainer_id(reply),
         bytes_up=comm.record_bytes(reply.content["arrays"]),
         t_sent=sent,
         t_received=arrived.get(msg.metadata.message_id),

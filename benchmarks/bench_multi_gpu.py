@@ -364,6 +364,17 @@ def check_mapping(out: dict, gpus: list[str], nodes: int) -> bool | None:
 # --- the benchmark ---------------------------------------------------------------------------
 
 
+def prepare_data(work: Path) -> Path:
+    """The work directory and its synthetic flashcards that fill the 512-token window (made once)."""
+    import bench_client_round
+
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "long_flashcards.jsonl"
+    if not data.exists():
+        bench_client_round.write_long_flashcards(data)
+    return data
+
+
 def build_model(directory: Path) -> float:
     """In a child process, so this one never holds GPU memory."""
     started = time.perf_counter()
@@ -422,13 +433,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with the tiny profile")
     args = parser.parse_args()
 
-    import bench_client_round
-
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    data = work / "long_flashcards.jsonl"
-    if not data.exists():
-        bench_client_round.write_long_flashcards(data)
+    data = prepare_data(work)
     inventory = gpu_inventory()
     gpus = [g for g in args.gpus.split(",") if g] if args.gpus else [g["index"] for g in inventory]
     phases = args.phases.split(",")

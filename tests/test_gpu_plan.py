@@ -142,13 +142,39 @@ def test_launcher_refuses_before_starting_anything(tmp_path, monkeypatch, capsys
         f"0, GPU-0, NVIDIA H100 80GB HBM3, 81559, {H100_FREE_MIB}\n"))
     monkeypatch.setattr(launcher.Federation, "start", lambda self, *a, **k: started.append(a))
     args = types.SimpleNamespace(
-        profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"), run_config="",
+        profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"), run_config="trainer.placement=node",
         supernodes=20, gpus="0", insecure=True, connect_timeout=5.0, resume_from="",
     )
     assert launcher.local_up(args) == 2
     err = capsys.readouterr().err
-    assert "does not fit in GPU memory: GPU 0" in err and "trainer.resident=false" in err
+    assert "does not fit in GPU memory: GPU 0" in err and "trainer.resident=false" in err and "trainer.placement=device" in err
     assert started == [] and not (tmp_path / "results").exists()
+
+
+def test_launcher_takes_device_placement_when_the_plan_chooses_it(tmp_path, monkeypatch, capsys):
+    """No placement given: 20 seed nodes on one H100 launch with device placement, the run says so."""
+    monkeypatch.setattr(gpu_plan, "query_gpus", lambda runner=None: gpu_plan.parse_query_gpus(
+        f"0, GPU-0, NVIDIA H100 80GB HBM3, 81559, {H100_FREE_MIB}\n"))
+    args = types.SimpleNamespace(profile="bio-medical-llama3-8b", rounds=3, data=None, results=str(tmp_path / "results"),
+                                 run_config="", supernodes=20, gpus="0", resume_from="")
+    run_config, settings = launcher.check_local_up(args)
+    assert settings.trainer.placement == "device" and run_config["trainer.placement"] == "device"
+    assert "trainer.placement" in run_config["explicit-keys"].split(",")  # the profile cannot undo the choice
+    assert "using trainer.placement=device instead" in capsys.readouterr().out
+    trainers = launcher.DeviceTrainers.issue(settings, run_config, 20, ["0", "1"])
+    try:
+        assert trainers.devices == ["0", "1"] and trainers.names() == ["trainer-gpu0", "trainer-gpu1"]
+        assert trainers.node_args(3) == ["--trainer-socket", str(trainers.socket("1")), "--trainer-token",
+                                         str(trainers.directory("1") / "token-3")]
+        from app.training.node_tokens import NodeRegistry, read_token
+
+        registry = NodeRegistry.load(trainers.directory("1") / "registry.json")
+        assert registry.preload == run_config and len(registry.nodes) == 10
+        token = read_token({"FEDTUNE_TRAINER_TOKEN": trainers.node_args(3)[-1]})
+        assert registry.node_for(token).partition_id == 3
+    finally:
+        trainers.remove()
+    assert not trainers.root.exists()
 
 
 def test_describe_device_line_round_trip():
@@ -175,3 +201,52 @@ def test_twenty_resident_nodes_over_four_h100s_refused_with_non_resident_offer()
     refusal = gpu_plan.preflight(load_settings({}), 20, gpus, runner=fake_smi(*[(g, H100_FREE_MIB) for g in gpus]))
     assert refusal is not None and "5 resident model(s)" in refusal
     assert '"trainer.resident=false" (non-resident mode' in refusal and ">= 7)" in refusal
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 8])
+def test_twenty_nodes_plan_as_resident_with_device_placement_on_any_number_of_h100s(count, capsys):
+    """Device placement: one base model and one training peak per GPU, however many nodes share it."""
+    gpus = [str(i) for i in range(count)]
+    runner = fake_smi(*[(g, H100_FREE_MIB) for g in gpus])
+    settings = load_settings({"trainer.placement": "device"})
+    assert gpu_plan.preflight(settings, 20, gpus, runner=runner) is None
+    plan = gpu_plan.make_plan(settings, 20, gpus, gpu_plan.parse_query_gpus(runner(["nvidia-smi"]).stdout))
+    assert plan.resident and plan.placement == "device" and len(plan.gpus) == count
+    for g in plan.gpus:
+        assert g.concurrent == 1 and len(g.nodes) in (20 // count, 20 // count + 1)
+        assert g.need_bytes == plan.footprint_bytes + plan.train_extra_bytes
+    assert 23 * GIB < plan.gpus[0].need_bytes < 26 * GIB  # 5.7 GiB measured idle + 17.5 GiB training, + margins
+    assert "device trainers (one resident base model per GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("count, chosen", [(1, "device"), (2, "device"), (4, "device"), (8, "node")])
+def test_the_plan_chooses_device_placement_when_per_node_residents_do_not_fit(count, chosen, capsys):
+    gpus = [str(i) for i in range(count)]
+    runner = fake_smi(*[(g, H100_FREE_MIB) for g in gpus])
+    refused, placement = gpu_plan.choose_placement(load_settings({}), 20, gpus, True, runner=runner)
+    assert refused is None and placement == chosen
+    printed = capsys.readouterr().out
+    if chosen == "device":
+        assert f"GPU memory plan: {20 // count} resident per-node models on GPU 0 need" in printed
+        assert "using trainer.placement=device instead" in printed
+    else:  # 3 per-node residents per H100 fit: each node keeps its own trainer
+        assert "using trainer.placement" not in printed and "3 node(s), up to 3 training at once" in printed
+
+
+def test_an_explicit_node_placement_is_refused_with_the_device_offer():
+    runner = fake_smi(("0", H100_FREE_MIB))
+    refused, placement = gpu_plan.choose_placement(load_settings({}), 20, ["0"], False, runner=runner)
+    assert placement == "node" and refused is not None
+    assert '"trainer.placement=device" (a device trainer per GPU holds one base model for all its nodes; needs 24.' in refused
+    assert "per GPU, fits)" in refused
+
+
+def test_device_placement_that_does_not_fit_a_24_gb_card_is_refused():
+    """One base plus one training peak of the seed recipe is ~24.3 GiB: a 24 GB card is short."""
+    runner = fake_smi(("0", 23_000))  # MiB free on an idle 24 GB card
+    refused, placement = gpu_plan.choose_placement(load_settings({}), 20, ["0"], True, runner=runner)
+    assert placement == "node" and refused is not None
+    assert "does not fit either" in refused
+    settings = load_settings({"train.seq-length": 256})  # half the tokens per step: it fits
+    refused, placement = gpu_plan.choose_placement(settings, 20, ["0"], True, runner=runner)
+    assert refused is None and placement == "device"

@@ -487,3 +487,30 @@ def test_errors_a_node_chooses_are_quoted_short(tmp_path, fast_init):
     [record] = metrics_of(run_main(LongErrors(THREE, three_sites(tmp_path, **{"num-server-rounds": 1}), fake_client), run_id=11))
     [failure] = record["failed"]
     assert failure["reason"].startswith("error 2: xxx") and len(failure["reason"]) < MAX_QUOTE + 100
+
+
+@pytest.mark.parametrize("trainer", [
+    ConfigRecord({comm.TRAINER_ID_KEY: "device:gpu0:1\u202e<img src=x>"}), ConfigRecord({comm.TRAINER_ID_KEY: "d:" + "x" * 10_000 + ":1"}),
+    ConfigRecord({comm.TRAINER_ID_KEY: ["device:gpu0:1"] * 3}), MetricRecord({"trainer-id": 1.0}),
+])
+def test_a_hostile_trainer_id_is_dropped_and_the_honest_ones_recorded(tmp_path, trainer):
+    """A node names the trainer that ran its round in a ConfigRecord (strings do not fit a
+    MetricRecord): metrics.jsonl keeps a well-formed id and drops any other, counting the update."""
+
+    def named(msg, honest, fmt):
+        return Message(RecordDict({**{k: honest.content[k] for k in ("arrays", "wire", "metrics")}, comm.TRAINER_RECORD: trainer}),
+                       reply_to=msg)
+
+    def client(msg, context):
+        reply = hostile(named)(msg, context)
+        if context.node_config["partition-id"] != HOSTILE:
+            reply.content[comm.TRAINER_RECORD] = ConfigRecord({comm.TRAINER_ID_KEY: f"device:gpu0:{4242}"})
+        return reply
+
+    config = three_sites(tmp_path)
+    strategy = FedTuneProx(load_settings(config), tmp_path)
+    strategy.run_round(InMemoryGrid(THREE, config, client), 1, initial_state())
+    record = json.loads(strategy.metrics_path.read_text().splitlines()[-1])
+    ids = {c["partition_id"]: c["trainer_id"] for c in record["clients"]}
+    assert ids == {0: "device:gpu0:4242", HOSTILE: None, 2: "device:gpu0:4242"}
+    assert len(json.dumps(record)) < 20_000

@@ -339,3 +339,25 @@ def test_a_nodes_failure_reason_cannot_put_an_image_or_html_into_report_md(tmp_p
     row = next(line for line in text.splitlines() if "supernode-1" in line)
     assert "!\\[x\\](http" in row
     assert not re.search(r"(?<!\\)[\[<]", row) and row.count("|") - row.count("\\|") == 7  # 6 cells
+
+
+def test_the_trainer_of_each_client_round_is_shown(tmp_path):
+    run = make_run(tmp_path)
+    ids = iter(["device:gpu0:4242", "device:gpu0:in-process", "device:gpu0:4242", "<b>" + "x" * 500, None, "device:gpu0:4242"])
+
+    def name_trainers(record):
+        for client in record["clients"]:
+            value = next(ids, None)
+            if value is not None:
+                client["trainer_id"] = value
+
+    rewrite_metrics(run, name_trainers)
+    data = load_run(run)
+    markdown, page = render_markdown(data), render_html(data)
+    counted = [c for r in data.rounds for c in r.clients]
+    rounds_of = {t: sum(c.trainer_id == t for c in counted) for t in ("device:gpu0:4242", "device:gpu0:in-process")}
+    assert rounds_of["device:gpu0:4242"] >= 2
+    assert f"| device:gpu0:4242 | {rounds_of['device:gpu0:4242']} |" in markdown
+    assert f"| device:gpu0:in-process | {rounds_of['device:gpu0:in-process']} |" in markdown
+    assert "| unknown |" in markdown  # a client line without one (older metrics)
+    assert "<b>" not in page and "&lt;b&gt;" + "x" * 96 + "…</td>" in page  # a hand-edited id: cut to 100 characters, escaped

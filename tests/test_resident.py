@@ -396,15 +396,13 @@ def test_trainer_exits_promptly_on_sigterm_even_mid_round(tmp_path):
 
 def test_ping_is_answered_mid_round_and_reports_a_round_past_its_deadline(server, monkeypatch):
     release = threading.Event()
-    monkeypatch.setattr(server, "_dispatch", lambda header, tensors: (release.wait(30), ({"ok": True}, None))[1])
+    monkeypatch.setattr(server, "_dispatch", lambda header, tensors, node: (release.wait(30), ({"ok": True}, None))[1])
     monkeypatch.setattr(trainer_service, "OVERDUE_GRACE_SECONDS", 0.0)
     worker = threading.Thread(target=pytest.raises, args=(TrainerUnavailable, call_trainer, str(server.path), {"op": "train"}, None, 5.0, 1.0),
                               daemon=True)  # its ClientApp gives up after 1 s
     worker.start()
     _wait_for(lambda: call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["busy_seconds"] > 0, 10)
     assert call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["overdue"] is False
-    with pytest.raises(TrainerUnavailable, match="busy with another request"):  # one round at a time
-        call_trainer(str(server.path), {"op": "train"}, None, 1.0, 1.0)
     _wait_for(lambda: call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["overdue"], 10)
     release.set()
     worker.join(timeout=10)
@@ -421,3 +419,60 @@ def test_watchdog_restarts_a_trainer_whose_round_is_overdue(tmp_path, monkeypatc
         assert "resident trainer busy for 2000 s, past its request's deadline; restarting it" in capfd.readouterr().err
     finally:
         watchdog.stop()
+
+
+def test_requests_queue_in_arrival_order_and_deadlines_start_with_their_turn(server, monkeypatch):
+    """Three rounds handed in at once are served one after the other, in arrival order; each may
+    take longer than its own deadline to finish, counted from the send, but not from its turn."""
+    order, turn_seconds = [], 1.0
+
+    def dispatch(header, tensors, node):
+        order.append(header["n"])
+        time.sleep(turn_seconds)
+        return {"n": header["n"]}, None
+
+    monkeypatch.setattr(server, "_dispatch", dispatch)
+    monkeypatch.setattr(trainer_service, "QUEUE_HEARTBEAT_SECONDS", 0.2)
+    replies, threads = {}, []
+    for n in range(3):
+        thread = threading.Thread(target=lambda n=n: replies.setdefault(n, call_trainer(str(server.path), {"op": "train", "n": n}, None, 5.0,
+                                                                                         2 * turn_seconds)[0]))
+        thread.start()
+        threads.append(thread)
+        _wait_for(lambda n=n: len(server._queue) == n + 1, 10)  # arrived in this order
+    assert call_trainer(str(server.path), {"op": "ping"}, None, 1.0, 1.0)[0]["waiting"] == 2
+    for thread in threads:
+        thread.join(timeout=30)
+    assert order == [0, 1, 2]  # the last waited 2 x its deadline before its turn, and still counted
+    assert [replies[n]["n"] for n in range(3)] == [0, 1, 2]
+    assert all(replies[n]["trainer_id"] == server.trainer_id for n in range(3))
+
+
+def test_a_request_that_gives_up_while_queued_leaves_the_queue(server, monkeypatch):
+    release = threading.Event()
+    monkeypatch.setattr(server, "_dispatch", lambda header, tensors, node: (release.wait(30), ({"ok": True}, None))[1])
+    monkeypatch.setattr(trainer_service, "QUEUE_HEARTBEAT_SECONDS", 0.1)
+    monkeypatch.setattr(trainer_service, "QUEUE_SILENCE_SECONDS", 0.5)
+    first = threading.Thread(target=call_trainer, args=(str(server.path), {"op": "train"}, None, 5.0, 30.0), daemon=True)
+    first.start()
+    _wait_for(lambda: server._busy is not None, 10)
+    # A queued ClientApp that stops listening (it fell back in-process): the trainer drops its request.
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(str(server.path))
+    trainer_service.send_message(conn, {"op": "train", "timeout": 30.0})
+    _wait_for(lambda: len(server._queue) == 2, 10)
+    conn.close()
+    _wait_for(lambda: len(server._queue) == 1, 10)
+    release.set()
+    first.join(timeout=10)
+    assert not server._queue
+
+
+def test_a_trainer_silent_before_the_turn_counts_as_hung(tmp_path, monkeypatch):
+    monkeypatch.setattr(trainer_service, "QUEUE_SILENCE_SECONDS", 0.5)
+    listener = _silent_trainer(tmp_path / "silent.sock")
+    started = time.monotonic()
+    with pytest.raises(TrainerUnavailable, match="timed out"):
+        call_trainer(str(tmp_path / "silent.sock"), {"op": "train"}, None, 1.0, 600.0)
+    assert time.monotonic() - started < 5
+    listener.close()

@@ -148,7 +148,7 @@ def test_model_loading_lines_of_the_node_logs_are_shown(tmp_path):
     from app.training.worker import MODEL_LOG_PREFIX
 
     out = io.StringIO()
-    watch = launcher.NodeLogWatcher(tmp_path, 2, out=out)
+    watch = launcher.NodeLogWatcher(tmp_path, ["supernode-0", "supernode-1"], out=out)
     watch()  # no log yet
     (tmp_path / "supernode-1.log").write_text(f"INFO: noise\n{MODEL_LOG_PREFIX}loading tiny\n{MODEL_LOG_PREFIX}load")
     watch()

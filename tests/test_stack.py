@@ -285,3 +285,53 @@ def test_a_download_in_progress_shows_in_the_logs(tmp_path, capsys):
             time.sleep(0.08)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model x: ")]
     assert len(lines) >= 2 and lines[-1].startswith("model x: 4 MiB downloaded"), lines  # progress, then the total
+
+
+def test_device_placement_gives_each_gpu_a_trainer_and_each_node_only_its_own_token():
+    spec = StackSpec(nodes=20, gpus=8, placement="device")
+    services = compose_spec(spec)["services"]
+    trainers = sorted(name for name in services if name.startswith("trainer-") and name != "trainer-tokens")
+    assert trainers == [f"trainer-{g}" for g in range(8)]
+    for g in range(8):
+        trainer = services[f"trainer-{g}"]
+        assert trainer["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == [str(g)]
+        assert f"trainer-registry-{g}:/trainer-registry:ro" in trainer["volumes"] and trainer["network_mode"] == "none"
+    for i in range(20):
+        node = services[f"supernode-{i}"]
+        gpu = i % 8
+        tokens = [v for v in node["volumes"] if v.startswith("trainer-token-")]
+        assert tokens == [f"trainer-token-{i}:/trainer-token:ro"]  # its own token, no other
+        assert f"trainer-socket-{gpu}:/run/fedtune-trainer" in node["volumes"]
+        assert not any(v.startswith("trainer-registry") for v in node["volumes"])
+        assert node["command"][:7] == ["fedtune", "supernode", "--trainer-socket", "/run/fedtune-trainer/trainer.sock",
+                                       "--trainer-token", "/trainer-token/token", "--"]
+        assert f"trainer-{gpu}" in node["depends_on"]
+    registries = [v for name, s in services.items() if name != "trainer-tokens" for v in s.get("volumes", []) if "registry" in str(v)]
+    assert len(registries) == 8  # each mounted by its trainer alone
+    assert "trainer.placement=device" in " ".join(services["run"]["command"])
+    assert "--placement device" in spec.command_line()
+    node_spec = compose_spec(StackSpec(nodes=20, gpus=8))["services"]
+    assert not any(name.startswith("trainer") for name in node_spec)
+    assert node_spec["supernode-0"]["command"][2] == "--"
+    with pytest.raises(ValueError, match="--placement 'device': expected node, or device with --role all"):
+        compose_spec(StackSpec(role="site", placement="device"))
+
+
+def test_trainer_tokens_fill_each_volume_with_its_own_files(tmp_path, capsys):
+    import stat
+    import types
+
+    from app.deploy.stack import cmd_trainer_tokens
+    from app.training.node_tokens import NodeRegistry, read_token
+
+    args = types.SimpleNamespace(export=str(tmp_path), devices="0,1,0", partitions=3, owner=None)
+    assert cmd_trainer_tokens(args) == 0
+    tokens = [read_token({"FEDTUNE_TRAINER_TOKEN": str(tmp_path / f"trainer-token-{i}" / "token")}) for i in range(3)]
+    registries = {g: NodeRegistry.load(tmp_path / f"trainer-registry-{g}" / "registry.json") for g in "01"}
+    assert [registries["0"].node_for(tokens[i]).partition_id for i in (0, 2)] == [0, 2]
+    assert registries["1"].node_for(tokens[1]).partition_id == 1
+    with pytest.raises(PermissionError):
+        registries["1"].node_for(tokens[0])  # a node of GPU 0 is unknown to GPU 1's trainer
+    assert stat.S_IMODE((tmp_path / "trainer-socket-0").stat().st_mode) == 0o700
+    assert cmd_trainer_tokens(types.SimpleNamespace(export=str(tmp_path), devices="0,,1", partitions=3, owner=None)) == 2
+    assert "--devices '0,,1': expected one device per SuperNode" in capsys.readouterr().err

@@ -37,6 +37,11 @@ EXTRA_METRIC_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")
 MAX_QUOTE = 1000
 
 
+# The trainer a node names (`placement:device:process`): short, and only characters a trainer id
+# is made of, so metrics.jsonl and the report show it as it is; anything else is dropped (None).
+TRAINER_ID = re.compile(r"[a-z-]{1,16}:[A-Za-z0-9._-]{1,64}:[a-z0-9-]{1,16}")
+
+
 class ReplyRejected(ValueError):
     """A reply that cannot be aggregated; the node counts as failed for the round."""
 
@@ -122,3 +127,12 @@ def kept_metrics(metrics: dict) -> dict[str, float]:
             kept[key] = float(value)
             extra += 1
     return kept
+
+
+def reply_trainer_id(reply: Message) -> str | None:
+    """The trainer the node says ran its round, if its reply names one in the expected shape."""
+    record = reply.content.get(comm.TRAINER_RECORD) if comm.TRAINER_RECORD in reply.content else None
+    if not isinstance(record, ConfigRecord) or len(record) != 1:
+        return None
+    value = record.get(comm.TRAINER_ID_KEY)
+    return value if isinstance(value, str) and TRAINER_ID.fullmatch(value) else None

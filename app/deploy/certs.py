@@ -152,6 +152,11 @@ def export_service_files(paths: CertPaths, service: str, target: Path, node_inde
 # ---------------------------------------------------------------------------- writing
 
 
+def write_private(path: Path, data: bytes, owner: tuple[int, int] | None = None) -> None:
+    """Replace `path` atomically with `data`, readable by its owner only (0600); `owner` (uid, gid) as root."""
+    _write(path, data, private=True, force=True, owner=owner)
+
+
 def _write(path: Path, data: bytes, private: bool, force: bool, owner: tuple[int, int] | None = None) -> None:
     """Write atomically; without `force`, fail rather than replace an existing file."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

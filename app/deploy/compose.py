@@ -79,6 +79,7 @@ class StackSpec:
     role: str = "all"
     eval_exact: bool = False  # the evaluate service: the reference loop instead of the fast path
     eval_limit: int | None = None  # the evaluate service: first N questions of each benchmark
+    placement: str = "node"  # trainer.placement: "device" adds a trainer service per GPU (all-in-one stack only)
 
     def command_line(self) -> str:
         parts = ["fedtune stack compose"]
@@ -99,6 +100,8 @@ class StackSpec:
             parts.append("--eval-exact")
         if self.eval_limit is not None:
             parts.append(f"--eval-limit {self.eval_limit}")
+        if self.placement != "node":
+            parts.append(f"--placement {self.placement}")
         return " ".join(parts)
 
 
@@ -128,6 +131,8 @@ MEMORY_SEED = {
     # a 4-bit 8B base is ~5.5 GiB of host RAM while it loads (safetensors read, then quantized
     # on the GPU); the ClientApp process and its copies of the adapter (~50 MiB each) come on top
     "supernode": "12g",
+    "trainer": "12g",  # a device trainer loads the base like a SuperNode's own trainer, once for all its nodes
+    "trainer-tokens": "256m",
     # 20 replies of up to one float32 adapter each (~55 MiB for the seed's LoRA), their decoded
     # copies, the global adapter, checkpoints and the report's charts, with torch imported
     "serverapp": "8g",
@@ -150,6 +155,8 @@ MEMORY_SEED = {
 # 1.28 GiB, SuperLink 166 MiB, `fedtune eval-run` 1.18 GiB, `fedtune stack cache` 37 MiB.
 MEMORY_TINY = {
     "supernode": "3g",
+    "trainer": "3g",
+    "trainer-tokens": "256m",
     "serverapp": "3g",
     "superlink": "1g",
     "edge": "256m",
@@ -181,7 +188,7 @@ def memory_limit(spec: StackSpec, role: str) -> str:
 
 def _with_memory_limits(spec: StackSpec, services: dict[str, Any]) -> None:
     for name, service in services.items():
-        role = "supernode" if name.startswith("supernode") else name
+        role = "supernode" if name.startswith("supernode") else "trainer" if name.startswith("trainer-") and name != "trainer-tokens" else name
         service["mem_limit"] = service["memswap_limit"] = memory_limit(spec, role)
 
 
@@ -194,6 +201,8 @@ def _run_config(spec: StackSpec) -> str:
     extra: list[str] = []
     if settings.dataset.num_partitions != spec.nodes and "dataset.num-partitions" not in user:
         extra.append(f"dataset.num-partitions={spec.nodes}")
+    if settings.trainer.placement != spec.placement and "trainer.placement" not in user:
+        extra.append(f"trainer.placement={spec.placement}")  # the nodes' own fallback says which placement it stood in for
     if settings.dataset.name != "tiny" and not settings.dataset.path:
         # nodes read the hub dataset as exported into the read-only cache (same rows, same order)
         extra.append(f"dataset.path='\"{dataset_file(settings.dataset.name)}\"'")
@@ -277,6 +286,67 @@ def _certs_service(spec: StackSpec) -> dict[str, Any]:
         "volumes": [f"certs-issuer:{ISSUER}",
                     *(f"{_certs_volume(s, i)}:{EXPORT}/{_certs_volume(s, i).removeprefix('certs-')}" for s, i in holders)],
     }
+
+
+# Device placement (app/training/device_trainer.py): per device a trainer service with its
+# registry volume (mounted in no SuperNode) and a socket volume shared with the SuperNodes of that
+# device; per SuperNode a token volume mounted in that node alone. `trainer-tokens` fills them.
+TRAINER_SOCKET_DIR = "/run/fedtune-trainer"
+TRAINER_REGISTRY_DIR = "/trainer-registry"
+TRAINER_TOKEN_DIR = "/trainer-token"
+REGISTRY_FILE, TOKEN_FILE, SOCKET_FILE = "registry.json", "token", "trainer.sock"
+
+
+def trainer_volume(kind: str, key: int | str) -> str:
+    """`trainer-socket-<device>`, `trainer-registry-<device>` or `trainer-token-<node>`."""
+    return f"trainer-{kind}-{key}"
+
+
+def node_devices(spec: StackSpec) -> list[str]:
+    """The device of each SuperNode: `cpu`, or its GPU (i mod G), as the SuperNodes are placed."""
+    return ["cpu" if spec.no_gpu else str(i % spec.gpus) for i in range(spec.nodes)]
+
+
+def _trainer_volumes(spec: StackSpec) -> list[str]:
+    devices = list(dict.fromkeys(node_devices(spec)))
+    return ([trainer_volume(k, d) for d in devices for k in ("socket", "registry")]
+            + [trainer_volume("token", i) for i in range(spec.nodes)])
+
+
+def _trainer_tokens_service(spec: StackSpec) -> dict[str, Any]:
+    """One-shot, like `certs`: a fresh token per SuperNode into its own volume, each device's
+    registry (token digests -> partition) into the volume only that device's trainer mounts,
+    and the socket volumes handed to the containers' user (0700)."""
+    return {
+        "image": APP,
+        "command": ["fedtune", "stack", "trainer-tokens", "--export", EXPORT, "--devices", ",".join(node_devices(spec)),
+                    "--partitions", str(spec.nodes), "--owner", f"${{FEDTUNE_UID:-{UID}}}:${{FEDTUNE_GID:-{UID}}}"],
+        "network_mode": "none",
+        "user": "0:0",
+        "cap_drop": ["ALL"],
+        "cap_add": ["CHOWN", "DAC_OVERRIDE", "FOWNER"],
+        "volumes": [f"{v}:{EXPORT}/{v}" for v in _trainer_volumes(spec)],
+    }
+
+
+def _trainer_service(spec: StackSpec, device: str) -> dict[str, Any]:
+    service: dict[str, Any] = {
+        "image": APP,
+        "command": ["fedtune", "trainer", "--socket", f"{TRAINER_SOCKET_DIR}/{SOCKET_FILE}",
+                    "--registry", f"{TRAINER_REGISTRY_DIR}/{REGISTRY_FILE}"],
+        "depends_on": {"model-cache": DONE, "trainer-tokens": DONE},
+        "environment": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        "labels": {"fedtune.role": "trainer", "fedtune.device": device},
+        "volumes": [f"{trainer_volume('socket', device)}:{TRAINER_SOCKET_DIR}",
+                    f"{trainer_volume('registry', device)}:{TRAINER_REGISTRY_DIR}:ro", f"model-cache:{CACHE}:ro"],
+        "network_mode": "none",  # it serves a Unix socket only
+        "init": True,
+        "restart": "unless-stopped",
+    }
+    if device != "cpu":
+        service["deploy"] = _gpu_devices([device])
+        service["environment"][ASSIGNED_GPU_ENV] = device
+    return service
 
 
 def _model_cache_service(spec: StackSpec) -> dict[str, Any]:
@@ -384,6 +454,13 @@ def _supernode_service(spec: StackSpec, paths, index: int | str, superlink: str,
         "init": True,
         "restart": "on-failure",
     }
+    if spec.placement == "device" and isinstance(index, int):  # the trainer of its device, with its own token
+        device = node_devices(spec)[index]
+        node["command"][2:2] = ["--trainer-socket", f"{TRAINER_SOCKET_DIR}/{SOCKET_FILE}",
+                                "--trainer-token", f"{TRAINER_TOKEN_DIR}/{TOKEN_FILE}"]
+        node["volumes"] += [f"{trainer_volume('socket', device)}:{TRAINER_SOCKET_DIR}",
+                            f"{trainer_volume('token', index)}:{TRAINER_TOKEN_DIR}:ro"]
+        node["depends_on"][f"trainer-{device}"] = {"condition": "service_started"}
     if gpu is not None:
         node["deploy"] = _gpu_devices([gpu])
         node["environment"][ASSIGNED_GPU_ENV] = gpu  # a node that finds no GPU then says so (app.training.model)
@@ -483,6 +560,9 @@ def compose_spec(spec: StackSpec) -> dict[str, Any]:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, not {spec.role!r}")
     if spec.nodes < 1 or (not spec.no_gpu and spec.gpus < 1):
         raise ValueError("--nodes and --gpus must be at least 1")
+    if spec.placement not in ("node", "device") or (spec.placement == "device" and spec.role != "all"):
+        raise ValueError(f"--placement {spec.placement!r}: expected node, or device with --role all "
+                         "(a site's single SuperNode keeps its own trainer)")
     if spec.role != "superlink" and spec.publish != EDGE_PUBLISH:
         raise ValueError(f"--publish sets the edge's port, which only --role superlink has; role {spec.role!r} publishes nothing")
     paths = CertPaths(Path(CERTS), spec.nodes)
@@ -502,6 +582,11 @@ def compose_spec(spec: StackSpec) -> dict[str, Any]:
         services["register"] = _register_service(spec, paths)
         services["serverapp"] = _serverapp_service(spec, paths)
         volumes["superlink-state"] = {}
+    if spec.role == "all" and spec.placement == "device":
+        services["trainer-tokens"] = _trainer_tokens_service(spec)
+        for device in dict.fromkeys(node_devices(spec)):
+            services[f"trainer-{device}"] = _trainer_service(spec, device)
+        volumes.update({v: {} for v in _trainer_volumes(spec)})
     if spec.role == "all":
         for i in range(spec.nodes):
             gpu = None if spec.no_gpu else str(i % spec.gpus)

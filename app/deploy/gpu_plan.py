@@ -12,7 +12,11 @@ gradient checkpointing, response-only logits, gradients, the caching allocator's
 measured peak of the seed recipe (BENCHMARKS.md) scaled by tokens per step and model width x depth.
 Up to `clients per round` nodes can be sampled onto the same GPU, so that many trainers are
 counted per GPU (at most its node count). Without the resident trainer (`trainer.resident=false`)
-only the nodes training hold a model: need = concurrent x (footprint + extra).
+only the nodes training hold a model: need = concurrent x (footprint + extra). With device
+placement (`trainer.placement=device`, app/training/device_trainer.py) one trainer per GPU holds
+the one base model and trains its nodes' rounds one at a time: need = footprint + extra, whatever
+the number of nodes. When the per-node residents do not fit and the submitter did not choose a
+placement, `choose_placement` picks device placement if that fits, and says so.
 
 The plan reads each GPU's free memory from `nvidia-smi` (no CUDA initialisation in the launcher)
 and refuses to start, naming the GPU, the need and the free memory, when it does not fit; it
@@ -93,6 +97,8 @@ class Plan:
     clients_per_round: int
     gpus: list[GpuNeed] = field(default_factory=list)
     alternative: Plan | None = None  # the non-resident plan, when the resident one does not fit
+    placement: str = "node"
+    device_alternative: Plan | None = None  # the device-placement plan, when per-node residents do not fit
 
     @property
     def fits(self) -> bool:
@@ -210,30 +216,35 @@ def clients_per_round(num_nodes: int, fraction_train: float, min_train_nodes: in
     return min(num_nodes, max(int(num_nodes * fraction_train), min_train_nodes))
 
 
-def make_plan(settings, num_nodes: int, gpus: Sequence[str], found: list[GpuInfo] | None, resident: bool | None = None) -> Plan | None:
+def make_plan(settings, num_nodes: int, gpus: Sequence[str], found: list[GpuInfo] | None, resident: bool | None = None,
+              placement: str | None = None) -> Plan | None:
     """The memory each listed GPU needs for this run; None when the model's shape is unknown."""
     config = model_config(settings.model.name)
     if config is None:
         return None
     resident = settings.trainer.resident if resident is None else resident
+    placement = settings.trainer.placement if placement is None else placement
+    device = resident and placement == "device"  # one base model, one training client at a time
     lora = settings.model.lora
     adapter = adapter_parameters(config, lora.peft_lora_r, lora.target_modules, lora.use_dora)
     footprint = resident_footprint_bytes(config, settings.model.quantization, adapter)
     args = settings.train.training_arguments
     extra = train_extra_bytes(config, args.per_device_train_batch_size, settings.train.seq_length, settings.model.gradient_checkpointing)
     per_round = clients_per_round(num_nodes, settings.strategy.fraction_train, settings.strategy.min_train_nodes)
-    plan = Plan(resident, footprint, extra, per_round)
+    plan = Plan(resident, footprint, extra, per_round, placement="device" if device else "node")
     distinct: dict[str, list[int]] = {}
     for i in range(num_nodes):
         distinct.setdefault(gpus[i % len(gpus)], []).append(i)
     for gpu, nodes in distinct.items():
-        concurrent = min(len(nodes), per_round)
-        holding = len(nodes) if resident else concurrent
+        concurrent = 1 if device else min(len(nodes), per_round)
+        holding = 1 if device else len(nodes) if resident else concurrent
         need = holding * footprint + concurrent * extra
         info = _find(gpu, found) if found is not None else None
         plan.gpus.append(GpuNeed(gpu, nodes, concurrent, need, info.free_bytes if info else None, info.name if info else ""))
     if resident and not plan.fits:
         plan.alternative = make_plan(settings, num_nodes, gpus, found, resident=False)
+    if resident and not device and not plan.fits:
+        plan.device_alternative = make_plan(settings, num_nodes, gpus, found, placement="device")
     return plan
 
 
@@ -248,7 +259,8 @@ def _gib(n: int) -> str:
 
 
 def describe(plan: Plan) -> str:
-    mode = "resident base models" if plan.resident else "non-resident (a model per training client only)"
+    mode = ("device trainers (one resident base model per GPU, its nodes' rounds one at a time)" if plan.placement == "device"
+            else "resident base models" if plan.resident else "non-resident (a model per training client only)")
     lines = [
         f"GPU memory plan ({mode}): {_gib(plan.footprint_bytes)} per loaded model, "
         f"+{_gib(plan.train_extra_bytes)} per training node, {plan.clients_per_round} client(s) per round"
@@ -274,6 +286,11 @@ def refusal(plan: Plan, num_nodes: int) -> str:
         describe(plan),
     ]
     options = []
+    if (device := plan.device_alternative) is not None:
+        options.append(
+            '--run-config "trainer.placement=device" (a device trainer per GPU holds one base model for all its nodes; needs '
+            f"{_gib(max(g.need_bytes for g in device.gpus))} per GPU, {'fits' if device.fits else 'does not fit either'})"
+        )
     if plan.resident and plan.alternative is not None:
         if plan.alternative.fits:
             options.append(
@@ -282,7 +299,7 @@ def refusal(plan: Plan, num_nodes: int) -> str:
             )
         else:
             options.append('--run-config "trainer.resident=false" does not fit either')
-    if plan.resident and first.free_bytes:
+    if plan.resident and plan.placement == "node" and first.free_bytes:
         room = max_resident_nodes(first.free_bytes, plan.footprint_bytes, plan.train_extra_bytes, first.concurrent)
         if room:
             gpus_needed = math.ceil(num_nodes / room)
@@ -297,26 +314,41 @@ def refusal(plan: Plan, num_nodes: int) -> str:
 
 
 def preflight(settings, num_nodes: int, gpus: Sequence[str], out=None, runner=subprocess.run) -> str | None:
-    """Print the plan; return a refusal message when it does not fit, else None."""
+    """Print the plan for the settings' own placement; return a refusal message when it does not fit, else None."""
+    return choose_placement(settings, num_nodes, gpus, False, out, runner)[0]
+
+
+def choose_placement(settings, num_nodes: int, gpus: Sequence[str], may_choose: bool, out=None,
+                     runner=subprocess.run) -> tuple[str | None, str]:
+    """(refusal or None, the trainer placement to launch with). With `may_choose` (the submitter
+    did not set trainer.placement), per-node residents that do not fit give way to device
+    placement when that fits, and the printed plan says why."""
     import sys
 
     out = out or sys.stdout
+    placement = settings.trainer.placement
     if os.environ.get("FEDTUNE_GPU_PLAN", "").lower() in ("off", "0", "false", "no"):
-        return None
+        return None, placement
     found = query_gpus(runner)
     plan = make_plan(settings, num_nodes, gpus, found)
     if plan is None:
         print(f"GPU memory plan: skipped (no config.json for model {settings.model.name!r} on this host)", file=out, flush=True)
-        return None
+        return None, placement
     if found is None:
         print("GPU memory plan: nvidia-smi unavailable, free memory unknown; not checked", file=out, flush=True)
     missing = [g.gpu for g in plan.gpus if found is not None and g.free_bytes is None]
     if missing:
-        return f"GPU(s) {', '.join(missing)} not found by nvidia-smi (have: {', '.join(i.index for i in found or [])})"
+        return f"GPU(s) {', '.join(missing)} not found by nvidia-smi (have: {', '.join(i.index for i in found or [])})", placement
+    if not plan.fits and may_choose and plan.device_alternative is not None and plan.device_alternative.fits:
+        short = next(g for g in plan.gpus if not g.fits)
+        print(f"GPU memory plan: {len(short.nodes)} resident per-node models on GPU {short.gpu} need {_gib(short.need_bytes)}, "
+              f"{_gib(short.free_bytes or 0)} free: using trainer.placement=device instead (one base model per GPU; "
+              'choose with --run-config "trainer.placement=node|device")', file=out, flush=True)
+        plan, placement = plan.device_alternative, "device"
     if not plan.fits:
-        return refusal(plan, num_nodes)
+        return refusal(plan, num_nodes), placement
     print(describe(plan), file=out, flush=True)
-    return None
+    return None, placement
 
 
 # --- what a process really runs on -------------------------------------------------------------

@@ -25,7 +25,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
-from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args, register_supernode_command
+from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args
 from app.config import ASSIGNED_GPU_ENV, ConfigError, Settings, load_settings, parse_overrides, with_explicit_keys
 from app.node.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
 from app.node.lifeline import die_with_parent
@@ -556,10 +556,14 @@ def check_local_up(args) -> tuple[dict[str, Any], Settings] | str:
         return f"--run-config: {_one_line(exc)}"
     gpus = gpu_ids(args.gpus)
     if gpus:  # issue 7: refuse before anything starts when the nodes' models do not fit
-        from app.deploy.gpu_plan import preflight
+        from app.deploy.gpu_plan import choose_placement
 
-        if (refused := preflight(settings, args.supernodes, gpus)) is not None:
+        refused, placement = choose_placement(settings, args.supernodes, gpus, "trainer.placement" not in run_config)
+        if refused is not None:
             return f"--gpus {args.gpus}: {_one_line(refused)}"
+        if placement != settings.trainer.placement:  # the plan chose device placement: the run and its nodes say so
+            run_config = with_explicit_keys({**run_config, "trainer.placement": placement})
+            settings = load_settings(run_config)
     if (refused := check_resume(run_config, Path(args.results))) is not None:
         refused = _one_line(refused)
         return f"--{refused}" if refused.startswith("resume-from") else f"--resume-from {args.resume_from}: {refused}"
@@ -632,11 +636,11 @@ class Progress:
 
 
 class NodeLogWatcher:
-    """Shows the model-loading lines of the SuperNodes' logs (app/training/worker.py writes them):
-    on a big model that is minutes in which the run shows no round yet."""
+    """Shows the model-loading lines of the SuperNodes' and device trainers' logs (app/training/worker.py
+    writes them): on a big model that is minutes in which the run shows no round yet."""
 
-    def __init__(self, log_dir: Path, nodes: int, out=None) -> None:
-        self.logs = {f"supernode-{i}": log_dir / f"supernode-{i}.log" for i in range(nodes)}
+    def __init__(self, log_dir: Path, names: list[str], out=None) -> None:
+        self.logs = {name: log_dir / f"{name}.log" for name in names}
         self.offsets = dict.fromkeys(self.logs, 0)
         self.out = out or sys.stdout
 
@@ -690,7 +694,9 @@ def local_up(args) -> int:
         paths = None
     security = _INSECURE if paths is None else _secure(paths)
     federation = Federation(log_dir)
-    federation.watchers.append(NodeLogWatcher(log_dir, args.supernodes))
+    trainers = DeviceTrainers.issue(settings, run_config, args.supernodes, gpus) if device_placement(settings) else None
+    federation.watchers.append(NodeLogWatcher(log_dir, [*(trainers.names() if trainers else []),
+                                                        *(f"supernode-{i}" for i in range(args.supernodes))]))
     # The SuperLink restarts on its state database and the SuperNodes reconnect by themselves;
     # the SuperExec holds the ServerApp: if it dies the run is lost (resume-from continues it).
     essential = ("superexec",)
@@ -707,18 +713,19 @@ def local_up(args) -> int:
         print(f"SuperLink: listening on {address}", flush=True)
         write_cli_config(work / "flwr-home", address, security["root"])
         federation.start("superexec", ["flower-superexec", *security["superexec"], "--runtime-api-address", address], serverapp_env(env))
-        registering = Progress("SuperNode keys registered", args.supernodes)
+        if trainers is not None:
+            trainers.start(federation, env)
+        if paths is not None:  # only registered keys may join: register before the nodes start
+            register_nodes(paths, args.supernodes, address, env)
         for i in range(args.supernodes):
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
             if gpus:
                 node_env["CUDA_VISIBLE_DEVICES"] = node_env[ASSIGNED_GPU_ENV] = gpus[i % len(gpus)]
                 node_env.setdefault(POLL_ENV, GPU_POLL_SECONDS)  # set empty: Flower's own 3 s (app/node/flwr_patches.py)
-            if paths is not None:  # only registered keys may join: register before the node starts
-                register_node(paths, i, env, federation, essential)
-                registering.step(i + 1)
             federation.start(
                 f"supernode-{i}",
-                lambda i=i: [sys.executable, "-m", "app.cli", "supernode", "--", *security["supernode"](i), "--superlink", address,
+                lambda i=i: [sys.executable, "-m", "app.cli", "supernode", *(trainers.node_args(i) if trainers else []), "--",
+                             *security["supernode"](i), "--superlink", address,
                              "--port", str(free_port()),  # drawn anew at each restart: one taken meanwhile is left behind
                              "--node-config", f"partition-id={i} num-partitions={settings.dataset.num_partitions}"],
                 node_env,
@@ -745,11 +752,70 @@ def local_up(args) -> int:
             print(f"keys kept in {keys} (private; remove them when done)", flush=True)
         elif keys is not None:
             shutil.rmtree(keys, ignore_errors=True)
+        if trainers is not None:
+            trainers.remove()
     if run_dir is not None and status.startswith("finished"):  # the federation is down: its GPUs are free for the evaluation
         from app.evaluation.run_eval import finish_run
 
         return finish_run(run_dir, args, gpus, status)
     return 1
+
+
+def device_placement(settings: Settings) -> bool:
+    return settings.trainer.resident and settings.trainer.placement == "device"
+
+
+@dataclass
+class DeviceTrainers:
+    """With trainer.placement=device: one `fedtune trainer` per device used (GPU i mod G, or the
+    CPU), each with the registry of its own nodes' tokens, all in a private (0700) directory
+    removed at exit. A trainer that exits is restarted like a SuperNode (Federation.check); one
+    that hangs or whose trainer process dies is restarted by its own watchdog."""
+
+    root: Path
+    devices: list[str]  # "cpu" or the GPU ids, one trainer each
+    node_device: list[str]  # the device of node i
+
+    @classmethod
+    def issue(cls, settings: Settings, run_config: dict[str, Any], nodes: int, gpus: list[str]) -> DeviceTrainers:
+        from app.training.node_tokens import Binding, issue_tokens
+
+        node_device = [gpus[i % len(gpus)] if gpus else "cpu" for i in range(nodes)]
+        trainers = cls(Path(tempfile.mkdtemp(prefix="fedtune-trainers-")), list(dict.fromkeys(node_device)), node_device)
+        parts = settings.dataset.num_partitions
+        for device in trainers.devices:
+            # preload: each trainer loads the run's model while the SuperNodes start (not in round 1's way)
+            issue_tokens(trainers.directory(device), {i: Binding(i, parts) for i, d in enumerate(node_device) if d == device},
+                         preload=run_config)
+        return trainers
+
+    @staticmethod
+    def name(device: str) -> str:
+        return "trainer-cpu" if device == "cpu" else f"trainer-gpu{device}"
+
+    def names(self) -> list[str]:
+        return [self.name(d) for d in self.devices]
+
+    def directory(self, device: str) -> Path:
+        return self.root / self.name(device)
+
+    def socket(self, device: str) -> Path:
+        return self.directory(device) / "trainer.sock"
+
+    def node_args(self, node: int) -> list[str]:
+        device = self.node_device[node]
+        return ["--trainer-socket", str(self.socket(device)), "--trainer-token", str(self.directory(device) / f"token-{node}")]
+
+    def start(self, federation: Federation, env: dict[str, str]) -> None:
+        for device in self.devices:
+            trainer_env = dict(env)
+            if device != "cpu":
+                trainer_env["CUDA_VISIBLE_DEVICES"] = trainer_env[ASSIGNED_GPU_ENV] = device
+            federation.start(self.name(device), [sys.executable, "-m", "app.cli", "trainer", "--socket", str(self.socket(device)),
+                                                 "--registry", str(self.directory(device) / "registry.json")], trainer_env)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 _INSECURE: dict[str, Any] = {
@@ -770,18 +836,24 @@ def _secure(paths: CertPaths) -> dict[str, Any]:
     }
 
 
-def register_node(paths: CertPaths, index: int, env: dict[str, str], federation: Federation, essential: tuple[str, ...], timeout: float = 120) -> None:
-    """`flwr supernode register` node `index`'s public key, retrying while the SuperLink starts."""
-    deadline = time.monotonic() + timeout
-    while True:
-        done = subprocess.run(register_supernode_command(paths, index), env=env, capture_output=True, text=True, timeout=120)
-        # "already in use": an earlier attempt registered it although its reply came too late
-        if done.returncode == 0 or "Public key already in use" in done.stdout + done.stderr:
-            return
-        federation.check(essential)
-        if time.monotonic() > deadline:
-            raise LaunchError(f"could not register supernode-{index}'s key: {(done.stdout + done.stderr)[-1000:]}")
-        time.sleep(1)
+def register_nodes(paths: CertPaths, count: int, address: str, env: dict[str, str], timeout: float = 300) -> None:
+    """Register the public keys of SuperNodes 0..count-1 in one `fedtune stack register` process
+    (the Compose stack's register step, app/deploy/stack.py): one Python start for all keys
+    instead of one `flwr supernode register` per key, which took ~4 s each on a busy 2-core host
+    (80 s of a 20-node start-up). It retries while the SuperLink starts; a key already
+    registered counts as registered."""
+    command = [sys.executable, "-m", "app.cli", "stack", "register", "--superlink", address, "--certs", str(paths.directory),
+               "--nodes", str(count), "--timeout", str(timeout)]
+    progress, done, lines = Progress("SuperNode keys registered", count), 0, []
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=die_with_parent(signal.SIGTERM))
+    for line in proc.stdout:
+        lines.append(line)
+        if ": registered" in line or ": already registered" in line:
+            done += 1
+            progress.step(done)
+    if proc.wait() != 0 or done < count:
+        raise LaunchError(f"could not register the SuperNode keys ({done} of {count}): {''.join(lines)[-1000:]}")
 
 
 def run_submit(args) -> int:

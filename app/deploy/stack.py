@@ -21,6 +21,9 @@ The services (docs/docker.md):
     register     one-shot: registers each SuperNode's public key over the Control API
     serverapp    flower-superexec running the ServerApp (FedProx) for the SuperLink; CPU only
     supernode-i  `fedtune supernode -- flower-supernode ...`, partition i of N, GPU i mod G
+    trainer-tokens, trainer-<gpu>  (--placement device) one-shot: a token per SuperNode and each
+                 device's registry (`fedtune stack trainer-tokens`); then one `fedtune trainer` per
+                 GPU holding the base model for the SuperNodes of that GPU (app/training/device_trainer.py)
     run          one-shot: `fedtune run` submits the run, follows it and exits with its status
     evaluate     one-shot after `run` succeeded: `fedtune eval-run`, the final adapter on the benchmarks
     report       one-shot, last: `fedtune report`, prints the table (`--exit-code-from report`)
@@ -78,6 +81,37 @@ def cmd_certs(args) -> int:
         return 2
     print(f"certificates ready in {paths.directory} (CA, SuperLink, SuperExec secret, {args.supernodes} SuperNode keys)"
           + (f"; each service's own files copied under {args.export}" if args.export else ""))
+    return 0
+
+
+def cmd_trainer_tokens(args) -> int:
+    """Fresh per-node tokens and per-device registries for the device trainers, into the volumes
+    named by app.deploy.compose.trainer_volume under --export, owned by --owner; the socket
+    volumes are made the containers' user's, mode 0700."""
+    from app.deploy.compose import REGISTRY_FILE, TOKEN_FILE, trainer_volume
+    from app.training.node_tokens import Binding, new_token, write_registry, write_token
+
+    try:
+        owner = _owner(args.owner) if args.owner else None
+        devices = [d.strip() for d in args.devices.split(",")]
+        if not all(devices) or not 0 < len(devices) <= args.partitions:
+            raise ValueError(f"--devices {args.devices!r}: expected one device per SuperNode (at most --partitions {args.partitions})")
+        export = Path(args.export)
+        tokens = [new_token() for _ in devices]
+        for i, token in enumerate(tokens):
+            write_token(export / trainer_volume("token", i) / TOKEN_FILE, token, owner)
+        for device in dict.fromkeys(devices):
+            bindings = {tokens[i]: Binding(i, args.partitions) for i, d in enumerate(devices) if d == device}
+            write_registry(export / trainer_volume("registry", device) / REGISTRY_FILE, bindings, owner)
+            sockets = export / trainer_volume("socket", device)
+            sockets.mkdir(parents=True, exist_ok=True)
+            if owner is not None:
+                os.chown(sockets, *owner)
+            sockets.chmod(0o700)
+    except (ValueError, OSError) as exc:
+        print(f"fedtune: {exc}", file=sys.stderr)
+        return 2
+    print(f"trainer tokens: {len(devices)} SuperNode(s), {len(set(devices))} device trainer(s)")
     return 0
 
 
@@ -258,6 +292,7 @@ def cmd_compose(args) -> int:
         gpus=args.gpus if args.gpus is not None else _env_default("FEDTUNE_GPUS", DEFAULT_GPUS),
         profile=args.profile, no_gpu=args.no_gpu, rounds=args.rounds, run_config=args.run_config, name=args.name,
         publish=args.publish or StackSpec.publish, role=args.role, eval_exact=args.eval_exact, eval_limit=args.eval_limit,
+        placement=args.placement,
     )
     try:
         sys.stdout.write(render_compose(spec))
@@ -335,6 +370,8 @@ def register(subparsers) -> None:
     comp.add_argument("--publish", help=f"ports entry of the edge, --role superlink only (default {StackSpec.publish!r})")
     comp.add_argument("--eval-exact", action="store_true", help="the evaluate service uses the reference loop (slow)")
     comp.add_argument("--eval-limit", type=int, help="the evaluate service: first N questions of each benchmark")
+    comp.add_argument("--placement", choices=("node", "device"), default="node",
+                      help="node: a trainer per SuperNode; device: one trainer per GPU for its SuperNodes (--role all)")
     comp.set_defaults(func=cmd_compose)
 
     ck = sub.add_parser("check", help="say what this host lacks to run a compose file (Docker, GPU runtime, model "
@@ -366,6 +403,13 @@ def register(subparsers) -> None:
     ce.add_argument("--export", help="copy each service its own files into EXPORT/<service> (one volume each)")
     ce.add_argument("--owner", help="UID:GID of the copies (as root)")
     ce.set_defaults(func=cmd_certs)
+
+    tt = sub.add_parser("trainer-tokens", help="(in the trainer-tokens service) per-node tokens and per-device trainer registries")
+    tt.add_argument("--export", required=True, help="directory holding the trainer volumes")
+    tt.add_argument("--devices", required=True, help="the device of each SuperNode, comma-separated (cpu or a GPU id)")
+    tt.add_argument("--partitions", type=int, required=True, help="num-partitions of every node")
+    tt.add_argument("--owner", help="UID:GID of the files (as root)")
+    tt.set_defaults(func=cmd_trainer_tokens)
 
     rg = sub.add_parser("register", help="(in the register service) register SuperNode keys with the SuperLink")
     rg.add_argument("--superlink", default=SUPERLINK)

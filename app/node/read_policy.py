@@ -77,3 +77,13 @@ def check_run_reads(settings: Settings) -> None:
             continue
         log.error("refused run config %s=%r: %s; read dirs %s", key, value, why, [str(d) for d in allowed])
         raise ReadRefused(f"run config {key}={value!r} {why}; its site sets those ({READ_DIRS_ENV}), not the run")
+
+
+def check_node_data_path(data_path: str) -> None:
+    """A device trainer reads the data file of every node it serves (their registry's
+    `data-path`): each must lie in the directories this site lets its nodes read, like the run's."""
+    if not data_path:
+        return
+    allowed = read_dirs()
+    if not any(Path(data_path).expanduser().resolve().is_relative_to(d) for d in allowed):
+        raise ReadRefused(f"node data-path {data_path!r} is outside the directories this node may read ({READ_DIRS_ENV})")

@@ -67,6 +67,7 @@ class Client:
     gpu: dict[str, float]  # GPU_FIELDS that are usable
     update_norm: float | None  # L2 norm of the update before clipping
     update_scale: float | None  # 1.0: not clipped
+    trainer_id: str | None = None  # placement:device:process that ran the round (older metrics: none)
 
     @property
     def site(self) -> str:
@@ -128,6 +129,7 @@ def parse_client(raw: Any) -> Client | None:
         events=events, gpu=gpu,
         update_norm=number(raw.get("update_norm")),
         update_scale=number(raw.get("update_scale")),
+        trainer_id=text(raw.get("trainer_id"), 100),
     )
 
 

@@ -362,6 +362,20 @@ def influence_rows(rounds: list[Round]) -> list[dict[str, Any]]:
     return rows
 
 
+def trainer_rows(rounds: list[Round]) -> list[list[str]]:
+    """Per trainer (placement:device:process, app/training/trainer_service.py trainer_id): the
+    client rounds it ran and the sites they came from; rounds from before trainer ids: `unknown`."""
+    runs: dict[str, list[Client]] = defaultdict(list)
+    for r in rounds:
+        for c in r.clients:
+            runs[c.trainer_id or "unknown"].append(c)
+    rows = []
+    for trainer, clients in sorted(runs.items()):
+        sites = sorted({c.partition_id for c in clients if c.partition_id is not None})
+        rows.append([trainer, str(len(clients)), ", ".join(str(p) for p in sites) or "?"])
+    return rows
+
+
 # ------------------------------------------------------------------------------ markdown
 
 
@@ -425,6 +439,9 @@ def render_markdown(data: RunData) -> str:
     for r in data.rounds:
         for c in r.clients:
             lines.append(f"| {_round(r.number)} | {c.site} | " + " | ".join(_fmt(v, 2) for v in phase_durations(c).values()) + " |")
+    lines += ["", "Trainers (placement:device:process; `in-process`: the ClientApp trained itself):", "",
+              "| trainer | client rounds | sites |", "| --- | --- | --- |"]
+    lines += [f"| {' | '.join(_md(cell) for cell in row)} |" for row in trainer_rows(data.rounds)]
     lines += ["", _alignment_note(), "", "| site | offset (node - server), s | bound, s | from round |", "| --- | --- | --- | --- |"]
     lines += [" | ".join(["", *row, ""]).strip() for row in _offset_rows(data.rounds, offsets)]
     lines += ["", "## GPU use per site (while training)", ""]
@@ -559,6 +576,8 @@ def render_html(data: RunData) -> str:
     timeline_section = (f'<p class="legend">{legend}</p>' + "".join(timelines) + omitted_note
                         + f'<p class="note">{e(_alignment_note())}</p>' + offset_table
                         if timelines else '<p class="note">This run\'s metrics.jsonl has no per-message timestamps.</p>')
+    trainers = (f'<p class="note">Trainers (placement:device:process; in-process: the ClientApp trained itself)</p>'
+                + _table(["trainer", "client rounds", "sites"], trainer_rows(data.rounds)))
     influence = influence_rows(data.rounds)
     influence_section = (_with_notes(charts.norm_chart(data.rounds)) + _table(
         ["round", "norm bound", "updates counted", "clipped", "refused or failed", "why"],
@@ -585,6 +604,7 @@ def render_html(data: RunData) -> str:
 {influence_section}
 <h2>Where the time went, per round and SuperNode</h2>
 {timeline_section}
+{trainers}
 <h2>GPU use per site (sampled while training)</h2>
 {gpu_section}
 </body></html>

@@ -17,6 +17,7 @@ Wire format, both directions: u64 length + JSON header, u64 length + safetensors
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
@@ -83,16 +84,26 @@ def recv_message(conn: socket.socket) -> tuple[dict[str, Any], dict]:
 
 
 def call_trainer(path: str, header: dict[str, Any], tensors: dict | None, connect_timeout: float, read_timeout: float | None = None):
-    """Send one request; TrainerUnavailable if the trainer cannot be reached, dies mid-way, is
-    busy, or does not answer within `read_timeout` s (a hung trainer: the wrapper's watchdog
-    kills it; the caller trains in-process meanwhile). The trainer learns the deadline too."""
+    """Send one request; TrainerUnavailable if the trainer cannot be reached, dies mid-way, or
+    does not answer in time (a hung trainer: its watchdog kills it; the caller trains
+    in-process meanwhile). A work request waits its turn in the trainer's queue: while it waits
+    the trainer says so every QUEUE_HEARTBEAT_SECONDS, and only QUEUE_SILENCE_SECONDS without a
+    word count as a hang. `read_timeout` counts from the moment its turn starts (the trainer's
+    `started`), not from the send; the trainer learns the deadline too."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         conn.settimeout(connect_timeout)
         conn.connect(path)
-        conn.settimeout(read_timeout)
+        conn.settimeout(QUEUE_SILENCE_SECONDS if read_timeout is None else min(read_timeout, QUEUE_SILENCE_SECONDS))
         send_message(conn, dict(header, timeout=read_timeout), tensors)
-        reply, reply_tensors = recv_message(conn)
+        while True:
+            reply, reply_tensors = recv_message(conn)
+            if "queued" in reply:
+                continue
+            if reply.get("started"):
+                conn.settimeout(read_timeout)
+                continue
+            break
     except OSError as exc:  # ConnectionError, FileNotFoundError, timeouts
         raise TrainerUnavailable(f"resident trainer at {path}: {exc}") from exc
     finally:
@@ -120,26 +131,32 @@ def request_timeout(settings, op: str) -> float:
 
 
 class TrainerServer:
-    """Serves one work request (init, train) at a time, each in its own thread, and answers
-    `ping` at once even while one runs: the SuperNode wrapper's watchdog asks whether it is
-    alive and whether the running request is past the deadline its ClientApp gave it."""
+    """Serves work requests (init, train) one at a time in arrival order, each connection in its
+    own thread, and answers `ping` at once even while one runs: the watchdog asks whether it is
+    alive and whether the running request is past the deadline its ClientApp gave it. A request
+    that waits its turn is told so every QUEUE_HEARTBEAT_SECONDS (a ClientApp that gave up
+    leaves the queue when that send fails) and `started` when its turn comes: its deadline runs
+    from then. With a `registry` (device placement, app/training/device_trainer.py) a request's
+    node is the one its token is registered for, whatever the request says."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, placement: str = "node", registry=None) -> None:
         self.path = path
+        self.registry, self.placement = registry, placement
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if path.is_socket():
             path.unlink()  # left by a killed predecessor
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(str(path))
         os.chmod(path, 0o600)
-        self._sock.listen(8)
+        self._sock.listen(64)  # every SuperNode of a GPU may hand in its round at once
         # Wake up twice a second: a Python signal handler runs only when the main thread runs
         # bytecode, and a blocking accept() may never return (torch's threads can take the signal).
         self._sock.settimeout(0.5)
         self._worker = None  # created (torch imported) on the first request
         self._stopping = threading.Event()
-        self._work = threading.Lock()
-        self._busy: tuple[float, float | None] | None = None  # (started, timeout) of the running request
+        self._turns = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()  # tickets of waiting requests, first = running
+        self._busy: tuple[float, float | None] | None = None  # (turn started, timeout) of the running request
         self._device_reported = False
 
     def serve_forever(self) -> None:
@@ -175,32 +192,93 @@ class TrainerServer:
         except (OSError, ValueError) as exc:
             log.warning("unreadable trainer request: %s", exc)
             return
-        if header.get("op") == "ping":
-            reply, reply_tensors = self._health(), None
-        elif not self._work.acquire(blocking=False):
-            reply, reply_tensors = {"unavailable": f"busy with another request for {time.monotonic() - self._busy[0]:.0f} s"}, None
-        else:
-            self._busy = (time.monotonic(), header.get("timeout"))
-            try:
-                reply, reply_tensors = self._dispatch(header, tensors)
-                self._report_device()
-            except Exception as exc:  # report to the ClientApp, keep serving
-                log.exception("resident trainer request failed")
-                reply, reply_tensors = {"error": f"{type(exc).__name__}: {exc}"}, None
-            finally:
-                self._busy = None
-                self._work.release()
+        reply, reply_tensors = self._answer(conn, header, tensors)
+        if reply is None:
+            return  # its ClientApp left the queue
         try:
             send_message(conn, reply, reply_tensors)
         except OSError as exc:
             log.warning("could not reply to the ClientApp: %s", exc)
 
+    def _answer(self, conn: socket.socket, header: dict[str, Any], tensors: dict):
+        if header.get("op") == "ping":
+            return self._health(), None
+        try:
+            node = self.registry.node_for(header.get("token")) if self.registry is not None else None
+        except (PermissionError, ValueError) as exc:  # an unknown token, a data-path the site does not allow
+            log.warning("refused a trainer request: %s", exc)
+            return {"error": str(exc)}, None
+        if not self._wait_for_turn(conn):
+            return None, None
+        self._busy = (time.monotonic(), header.get("timeout"))
+        try:
+            reply, reply_tensors = self._dispatch(header, tensors, node)
+            reply["trainer_id"] = self.trainer_id
+            self._report_device()
+        except Exception as exc:  # report to the ClientApp, keep serving
+            log.exception("resident trainer request failed")
+            reply, reply_tensors = {"error": f"{type(exc).__name__}: {exc}"}, None
+        finally:
+            self._busy = None
+            self._leave_queue(self._queue[0])
+        return reply, reply_tensors
+
+    @property
+    def trainer_id(self) -> str:
+        return trainer_id(self.placement, os.getpid())  # not in __init__: it imports pydantic, an idle node stays small
+
+    def preload(self, run_config: dict[str, Any]) -> None:
+        """Load the run's model now, in the first turn, while the SuperNodes connect: a device
+        trainer's launcher knows the run, so its first request need not wait for the load.
+        Requests that come meanwhile queue behind it; a failure leaves the load to them."""
+        from app.config import load_settings
+
+        ticket = object()
+        with self._turns:
+            self._queue.append(ticket)
+        self._busy = (time.monotonic(), None)
+
+        def load() -> None:
+            try:
+                self._busy = (self._busy[0], request_timeout(load_settings(run_config), "init"))
+                self._dispatch({"op": "init", "run_config": run_config}, {})
+                self._report_device()
+            except Exception:  # noqa: BLE001 - the first request loads it and reports why it cannot
+                log.exception("preloading the model failed; the first request loads it")
+            finally:
+                self._busy = None
+                self._leave_queue(ticket)
+
+        threading.Thread(target=load, daemon=True).start()
+
+    def _wait_for_turn(self, conn: socket.socket) -> bool:
+        """Queue this request; tell its ClientApp where it stands until its turn, then `started`.
+        False when the ClientApp is gone meanwhile (it gave up, or fell back in-process)."""
+        ticket = object()
+        with self._turns:
+            self._queue.append(ticket)
+            try:
+                while self._queue[0] is not ticket:
+                    send_message(conn, {"queued": self._queue.index(ticket)})
+                    self._turns.wait(QUEUE_HEARTBEAT_SECONDS)
+                send_message(conn, {"started": True})
+                return True
+            except OSError:
+                self._leave_queue(ticket)
+                return False
+
+    def _leave_queue(self, ticket: object) -> None:
+        with self._turns:
+            self._queue.remove(ticket)
+            self._turns.notify_all()
+
     def _health(self) -> dict[str, Any]:
-        busy = self._busy
+        busy, waiting = self._busy, max(0, len(self._queue) - 1)
         if busy is None:
-            return {"ok": True, "busy_seconds": 0.0, "overdue": False}
+            return {"ok": True, "busy_seconds": 0.0, "overdue": False, "waiting": waiting}
         elapsed, timeout = time.monotonic() - busy[0], busy[1]
-        return {"ok": True, "busy_seconds": elapsed, "overdue": timeout is not None and elapsed > timeout + OVERDUE_GRACE_SECONDS}
+        return {"ok": True, "busy_seconds": elapsed, "overdue": timeout is not None and elapsed > timeout + OVERDUE_GRACE_SECONDS,
+                "waiting": waiting}
 
     def _report_device(self) -> None:
         """Once, after the first request put the model on its device: the physical GPU this
@@ -212,7 +290,7 @@ class TrainerServer:
         self._device_reported = True
         print(DEVICE_LOG_PREFIX + json.dumps(describe_cuda_device()), file=sys.stderr, flush=True)
 
-    def _dispatch(self, header: dict[str, Any], tensors: dict):
+    def _dispatch(self, header: dict[str, Any], tensors: dict, registered=None):
         from app.training.worker import NodeData, RoundWorker, TrainRequest
 
         if self._worker is None:
@@ -222,7 +300,7 @@ class TrainerServer:
         if header["op"] == "train":
             request = TrainRequest(
                 run_config=header["run_config"],
-                node=NodeData(**header["node"]),
+                node=registered or NodeData(**header["node"]),
                 server_round=header["server_round"],
                 lr=header["lr"],
                 proximal_mu=header["proximal_mu"],
@@ -232,6 +310,19 @@ class TrainerServer:
         raise ValueError(f"unknown trainer op {header['op']!r}")
 
 
+def trainer_id(placement: str, pid: int | None) -> str:
+    """`placement:device:process` of whoever trains a round, for metrics.jsonl and the report:
+    e.g. `device:gpu0:4242`, `node:cpu:77`, `node:gpu1:in-process` (the ClientApp itself)."""
+    from app.config import ASSIGNED_GPU_ENV  # not at the top: the SuperNode wrapper stays without pydantic
+
+    gpu = os.environ.get(ASSIGNED_GPU_ENV, "").strip()
+    return f"{placement}:{'gpu' + gpu if gpu else 'cpu'}:{pid if pid is not None else 'in-process'}"
+
+
+# Queue: a waiting request hears from the trainer every QUEUE_HEARTBEAT_SECONDS; a ClientApp that
+# hears nothing for QUEUE_SILENCE_SECONDS before its turn counts the trainer as hung.
+QUEUE_HEARTBEAT_SECONDS = 2.0
+QUEUE_SILENCE_SECONDS = 30.0
 TRAINER_START_SECONDS = 60.0
 # Watchdog (in the SuperNode wrapper): ping the trainer every WATCHDOG_SECONDS; kill and restart
 # it when PING_MISSES pings in a row get no answer within PING_TIMEOUT_SECONDS (it hangs so hard
@@ -245,10 +336,18 @@ RESTART_RETRY_SECONDS = 30.0  # after a failed restart; rounds train in-process 
 SUPERNODE_STOP_SECONDS = 15.0  # flower-supernode's grace after a forwarded stop signal
 
 
-def serve(socket_path: str) -> None:
+def serve(socket_path: str, registry_path: str | None = None) -> None:
     """The resident trainer process: serve `socket_path` until SIGTERM, which ends it at once,
-    also in the middle of a round (its ClientApp then trains in-process)."""
-    server = TrainerServer(Path(socket_path))
+    also in the middle of a round (its ClientApp then trains in-process). With a registry it is
+    a device trainer (app/training/device_trainer.py)."""
+    registry = None
+    if registry_path:
+        from app.training.node_tokens import NodeRegistry
+
+        registry = NodeRegistry.load(Path(registry_path))
+    server = TrainerServer(Path(socket_path), "device" if registry else "node", registry)
+    if registry is not None and registry.preload is not None:
+        server.preload(registry.preload)
 
     def stop(*_):
         server.stop()
@@ -260,12 +359,13 @@ def serve(socket_path: str) -> None:
     server.serve_forever()
 
 
-def _start_trainer(socket_path: str) -> subprocess.Popen:
+def _start_trainer(socket_path: str, registry_path: str | None = None) -> subprocess.Popen:
     """A trainer process, returned once it answers a ping; one that does not is killed."""
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a dead predecessor's: wait for the new one's
     # SIGKILL when the wrapper dies, even by SIGKILL: an orphaned trainer holds its GPU memory.
-    trainer = subprocess.Popen([sys.executable, "-m", "app.training.trainer_service", "serve", socket_path], preexec_fn=die_with_parent(signal.SIGKILL))
+    command = [sys.executable, "-m", "app.training.trainer_service", "serve", socket_path, *([registry_path] if registry_path else [])]
+    trainer = subprocess.Popen(command, preexec_fn=die_with_parent(signal.SIGKILL))
     deadline = time.monotonic() + TRAINER_START_SECONDS
     while not _answers(socket_path):
         if (code := trainer.poll()) is not None or time.monotonic() > deadline:
@@ -298,9 +398,9 @@ def _kill(proc: subprocess.Popen, grace: float = 0.0) -> None:
 class _Watchdog:
     """Keeps one trainer process alive and answering; see WATCHDOG_SECONDS."""
 
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.trainer: subprocess.Popen | None = _start_trainer(socket_path)
+    def __init__(self, socket_path: str, registry_path: str | None = None) -> None:
+        self.socket_path, self.registry_path = socket_path, registry_path
+        self.trainer: subprocess.Popen | None = _start_trainer(socket_path, registry_path)
         self.misses, self.next_check = 0, time.monotonic() + WATCHDOG_SECONDS
 
     def check(self) -> None:
@@ -327,7 +427,7 @@ class _Watchdog:
             _kill(self.trainer)
         self.trainer, self.misses = None, 0
         try:
-            self.trainer = _start_trainer(self.socket_path)
+            self.trainer = _start_trainer(self.socket_path, self.registry_path)
         except RuntimeError as exc:  # rounds train in-process until a later attempt works
             _say(f"{exc}; retrying in {RESTART_RETRY_SECONDS:.0f} s, rounds train in-process meanwhile")
             self.next_check = time.monotonic() + RESTART_RETRY_SECONDS
@@ -342,9 +442,11 @@ def _say(message: str) -> None:
     print(f"fedtune: {message}", file=sys.stderr, flush=True)
 
 
-def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int:
+def run_supernode(flower_args: list[str], socket_path: str | None = None, token_file: str | None = None) -> int:
     """Run `flower-supernode flower_args` with a resident trainer process beside it; restart the
-    trainer if it dies or hangs (its ClientApp meanwhile trains in-process); stop both together."""
+    trainer if it dies or hangs (its ClientApp meanwhile trains in-process); stop both together.
+    With `token_file`, `socket_path` is a device trainer's (app/training/device_trainer.py),
+    started and watched by whoever started this node: no trainer of its own."""
     # Before torch is imported here or in a ClientApp child: several trainers sharing one GPU
     # must not strand memory in fragments (the 3.5 GiB logits change size every step).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -364,15 +466,22 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         _say(str(exc))
         return 2
     private_dir = None
+    if token_file is not None and socket_path is None:
+        _say("--trainer-token needs --trainer-socket (the device trainer's socket)")
+        return 2
     if socket_path is None:
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     gate = TaskCommandGate.install()  # ClientApp bundles the site approved, no other task (app/node/fab_allowlist.py)
-    watchdog = _Watchdog(socket_path)
+    watchdog = _Watchdog(socket_path) if token_file is None else None
     child = None
     try:
         env = dict(os.environ, **{SOCKET_ENV: socket_path}, **gate.env)
+        if token_file is not None:
+            from app.training.node_tokens import TOKEN_ENV
+
+            env[TOKEN_ENV] = os.path.abspath(token_file)
         # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
         child = subprocess.Popen([*command, *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
 
@@ -387,16 +496,18 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None) -> int
         while (code := child.poll()) is None:
             if stop_requested and time.monotonic() - stop_requested[0] > SUPERNODE_STOP_SECONDS:
                 child.kill()  # it ignored the signal: nobody else may be left to kill it (launcher gone)
-            watchdog.check()
+            if watchdog is not None:
+                watchdog.check()
             time.sleep(0.5)
     finally:
         if child is not None:  # also when the wrapper itself fails: never leave the SuperNode behind
             _kill(child, grace=10)
-        watchdog.stop()
+        if watchdog is not None:
+            watchdog.stop()
         gate.close()
         if private_dir:
             shutil.rmtree(private_dir, ignore_errors=True)
-        elif os.path.exists(socket_path):
+        elif watchdog is not None and os.path.exists(socket_path):
             os.unlink(socket_path)
     return code
 
@@ -405,11 +516,15 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "supernode",
         help="run flower-supernode with a resident trainer beside it",
-        description="fedtune supernode [--trainer-socket PATH] -- <flower-supernode arguments>",
+        description="fedtune supernode [--trainer-socket PATH [--trainer-token FILE]] -- <flower-supernode arguments>",
     )
     parser.add_argument("--trainer-socket", help="socket path (default: a private temporary directory)")
+    parser.add_argument("--trainer-token", metavar="FILE",
+                        help="use the device trainer at --trainer-socket (`fedtune trainer`) with this node's token file "
+                             "instead of a trainer of its own")
     parser.add_argument("flower_args", nargs=argparse.REMAINDER, help="arguments for flower-supernode")
-    parser.set_defaults(func=lambda args: run_supernode(_strip_dashdash(args.flower_args), args.trainer_socket))
+    parser.set_defaults(func=lambda args: run_supernode(_strip_dashdash(args.flower_args), args.trainer_socket,
+                                                                args.trainer_token))
 
 
 def _strip_dashdash(args: list[str]) -> list[str]:
@@ -419,6 +534,6 @@ def _strip_dashdash(args: list[str]) -> list[str]:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     if sys.argv[1:2] == ["serve"]:
-        serve(sys.argv[2])
+        serve(*sys.argv[2:4])
     else:
         sys.exit(run_supernode(_strip_dashdash(sys.argv[1:])))
