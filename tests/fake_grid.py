@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.supercore.task_identity import TaskIdentity
@@ -135,7 +135,8 @@ def fake_secure_client(msg: Message, context: Context) -> Message:
     update, metrics = fake_round(msg, context)
     noise = client_app.load_settings(dict(context.run_config)).privacy.noise_multiplier
     arrays = secagg_node.masked_update(update, metrics["num-examples"], msg.content, context, noise)
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
+    trainer = ConfigRecord({comm.TRAINER_ID_KEY: "node:cpu:in-process"})  # as the ClientApp sends it
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics), comm.TRAINER_RECORD: trainer}), reply_to=msg)
 
 
 def reply_with(msg: Message, update: dict, metrics: dict, fmt: str) -> Message:

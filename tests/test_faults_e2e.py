@@ -14,7 +14,9 @@ import psutil
 from app.results.checkpoint import load_adapter_tensors
 from waiting import wait_until
 
-NODES, ROUNDS, TIMEOUT = 3, 4, 90  # a first round on a busy 2-core host can take a minute
+# A first round on a busy 2-core host can take a minute; the fifth round gives the restarted node
+# time to rejoin on a loaded host (in the full suite it once missed round 4).
+NODES, ROUNDS, TIMEOUT = 3, 5, 90
 
 
 def _node_processes(results: Path, node: int) -> list[psutil.Process]:
@@ -79,7 +81,7 @@ def test_killed_supernode_and_trainer(tmp_path):
     assert "supernode-1 exited with code -9; restarting it in" in output and "supernode-1 restarted (restart 1)" in output
     assert "superlink exited with code -9" in output and "superlink restarted (restart 1)" in output
 
-    first, lost, third, fourth = _rounds(run)
+    first, lost, third, *later = _rounds(run)
     down = first["bytes_down"] // len(first["clients"])  # one adapter download (weights)
     up = first["clients"][0]["bytes_up"]  # one upload (an update, in comm.format)
     # The round completed with the two replies that arrived, weighted over those only.
@@ -90,14 +92,16 @@ def test_killed_supernode_and_trainer(tmp_path):
     # Budget: only what moved; the download the dead node never answered is reported apart.
     assert lost["bytes_down"] == 2 * down and lost["bytes_up"] == 2 * up
     assert lost["bytes_down_unconfirmed"] == down
-    assert fourth["cumulative_mib"] * 2**20 == sum(r["bytes_round"] for r in (first, lost, third, fourth))
+    assert later[-1]["cumulative_mib"] * 2**20 == sum(r["bytes_round"] for r in (first, lost, third, *later))
     # Through the SuperLink's restart the nodes reconnected by themselves and replied; node 2
     # trained with its restarted trainer (a fresh model load).
     assert third["status"] == "aggregated" and third["failures"] == 0
     node2 = next(c for c in third["clients"] if c["partition_id"] == 2)
     assert node2["resident"] and node2["model_load_seconds"] > 0
-    # The restarted node is back (rejoining may take up to a minute: it may miss round 3).
-    assert fourth["failures"] == 0 and sorted(c["partition_id"] for c in fourth["clients"]) == [0, 1, 2]
+    # The restarted node is back (rejoining may take up to a minute: it may miss round 3, on a loaded
+    # host round 4 too), and nothing failed after the SuperLink's restart.
+    assert all(r["failures"] == 0 for r in later)
+    assert sorted(c["partition_id"] for c in later[-1]["clients"]) == [0, 1, 2]
     [log2] = tmp_path.glob(".local/*/logs/supernode-2.log")
     assert "resident trainer exited with code -9; restarting it" in log2.read_text()
     summary = json.loads((run / "summary.json").read_text())

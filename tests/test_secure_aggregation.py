@@ -77,6 +77,7 @@ def test_aggregate_is_the_weighted_mean_within_the_grid(tmp_path, fast_init):
     record = records[0]
     assert record["clipped"] is None and all(c["update_norm"] is None for c in record["clients"])
     assert sorted(c["partition_id"] for c in record["clients"]) == [0, 1, 2]
+    assert {c["trainer_id"] for c in record["clients"]} == {"node:cpu:in-process"}
 
 
 def test_keys_shares_and_masked_updates_are_counted_apart(tmp_path, fast_init):

@@ -41,6 +41,9 @@ from app.privacy.secagg_records import (
 
 # The fewest nodes a round samples: with a majority threshold, three tolerate one dropout.
 MIN_NODES = 3
+# What a masked reply may hold: the masked update, its metrics and which trainer ran it (checked
+# like a plain reply's, app/aggregation/replies.py reply_trainer_id).
+MASKED_REPLY_RECORDS = {"arrays", "metrics", comm.TRAINER_RECORD}
 # Setup, share-keys and unmask do no training: they wait at most this (or strategy.round-timeout).
 STAGE_SECONDS = 120.0
 # With DP noise on, the grid reaches this many standard deviations of a node's noise share beyond
@@ -239,8 +242,9 @@ class SecureAttempt:
                 continue
             self.out.bytes_down += down
             try:
-                if set(reply.content.keys()) != {"arrays", "metrics"}:
-                    raise ProtocolError(f"a masked reply holds 'arrays' and 'metrics', this one {quote(sorted(reply.content.keys()))}")
+                if not {"arrays", "metrics"} <= set(reply.content.keys()) <= MASKED_REPLY_RECORDS:
+                    raise ProtocolError(f"a masked reply holds 'arrays' and 'metrics' (and at most {comm.TRAINER_RECORD!r}), "
+                                        f"this one {quote(sorted(reply.content.keys()))}")
                 metrics = check(reply.content)
                 masked[node] = read_masked(reply.content["arrays"], count)
                 size = len(reply.content["arrays"]["masked"].data)
