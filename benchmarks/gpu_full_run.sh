@@ -12,7 +12,7 @@
 # EXTRA adds run-config keys (e.g. "trainer.placement=\"device\"").
 set -uo pipefail
 WORK=${WORK:-/tmp/fedtune-bench} OUT=${OUT:-/tmp/out} FOLLOW=${FOLLOW:-540}
-# A CPU dry run: GPUS= NODES=4 ROUNDS=1 EXTRA="profile=\"tiny\"" with a tiny model at $WORK/llama3-8b-random.
+# A CPU dry run: GPUS= NODES=4 ROUNDS=1 EXTRA="profile=\"tiny\"" with a tiny model at $WORK/llama-3-8b-random.
 GPUS=${GPUS-0} NODES=${NODES:-20} ROUNDS=${ROUNDS:-10}
 FULL=$WORK/full
 follow() {  # print new progress lines until the run ends or FOLLOW s pass; 0 once it ended
@@ -35,17 +35,17 @@ from pathlib import Path
 sys.path.insert(0, "benchmarks")
 from bench_client_round import build_random_llama, write_long_flashcards
 work = Path("$WORK")
-build_random_llama(work / "llama3-8b-random")
+build_random_llama(work / "llama-3-8b-random")
 write_long_flashcards(work / "flashcards-512.jsonl")
 PY
-    python3 benchmarks/eval_sets.py "$WORK/eval-real-sizes" --tokenizer "$WORK/llama3-8b-random" | tee "$FULL/eval_sets.txt" || exit 1
+    python3 benchmarks/eval_sets.py "$WORK/eval-real-sizes" --tokenizer "$WORK/llama-3-8b-random" | tee "$FULL/eval_sets.txt" || exit 1
     setsid bash -c "
       nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader,nounits -lms 500 > '$FULL/nvidia-smi.csv' &
       smi=\$!
       date +%s.%N > '$FULL/t0'
       python3 -m app.cli local up --supernodes $NODES ${GPUS:+--gpus $GPUS} --rounds $ROUNDS --data '$WORK/flashcards-512.jsonl' \
         --results '$WORK/results' --eval-data-dir '$WORK/eval-real-sizes' \
-        --run-config 'model.name=\"$WORK/llama3-8b-random\" ${EXTRA:-}' > '$FULL/run.log' 2>&1
+        --run-config 'model.name=\"$WORK/llama-3-8b-random\" ${EXTRA:-}' > '$FULL/run.log' 2>&1
       echo \$? > '$FULL/exit.tmp'; date +%s.%N > '$FULL/t1'; kill \$smi; mv '$FULL/exit.tmp' '$FULL/exit'
     " < /dev/null > /dev/null 2>&1 &
     follow

@@ -61,7 +61,9 @@ DURATIONS = (
     ("node: process start to reply", "t_process_start", "t_reply"),
     ("node: ClientApp init", "t_process_start", "t_handler_start"),
     ("node: prepare", "t_handler_start", "t_train_start"),
+    ("of it: waits for its trainer", "t_handler_start", "t_turn_start"),
     ("node: training", "t_train_start", "t_train_end"),
+    ("trainer: after training", "t_train_end", "t_turn_end"),
     ("node: build reply", "t_train_end", "t_reply"),
 )
 

@@ -137,21 +137,36 @@ def _cast_adapter(model, dtype: torch.dtype) -> None:
 
 def adapter_state(model) -> OrderedDict[str, torch.Tensor]:
     """The trainable adapter as PEFT names it on disk (adapter name stripped), on CPU."""
-    from peft import get_peft_model_state_dict
-
-    return OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in get_peft_model_state_dict(model).items())
+    return OrderedDict((k, p.detach().to("cpu", copy=True)) for k, p in adapter_parameters(model).items())
 
 
 def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
-    from peft import set_peft_model_state_dict
-
-    expected = set(adapter_state(model))
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+    params = adapter_parameters(model)
+    if set(state) != set(params):
+        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise ValueError(f"adapter does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    result = set_peft_model_state_dict(model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise ValueError(f"adapter keys not used by the model: {result.unexpected_keys[:5]}")
+    with torch.no_grad():
+        for key, param in params.items():
+            if tuple(state[key].shape) != tuple(param.shape):
+                raise ValueError(f"adapter tensor {key}: shape {tuple(state[key].shape)}, the model's is {tuple(param.shape)}")
+            param.copy_(state[key])
+
+
+def adapter_parameters(model) -> OrderedDict[str, torch.nn.Parameter]:
+    """PEFT's on-disk adapter names mapped to the live parameters, found once per model: PEFT's
+    own state-dict functions walk every module of the 4-bit base (and pack its quantization
+    state) each call, a cost a resident trainer paid three times per client round."""
+    cached = getattr(model, "_fedtune_adapter_parameters", None)
+    if cached is None:
+        from peft import get_peft_model_state_dict
+
+        trainable = {p.data_ptr(): p for p in model.parameters() if p.requires_grad}
+        # The state dict's tensors are views of the parameters: the same storage identifies them.
+        cached = OrderedDict((k, trainable[v.data_ptr()]) for k, v in get_peft_model_state_dict(model).items())
+        if len(cached) != len(trainable):
+            raise ValueError(f"the adapter's {len(cached)} tensors are not the model's {len(trainable)} trainable parameters")
+        model._fedtune_adapter_parameters = cached
+    return cached
 
 
 def count_parameters(state: dict[str, torch.Tensor]) -> int:

@@ -305,7 +305,9 @@ class TrainerServer:
                 lr=header["lr"],
                 proximal_mu=header["proximal_mu"],
             )
-            adapter, metrics = self._worker.train(request, tensors)
+            # The next request in the queue is this process's too: its training reuses the
+            # cached activation memory instead of giving it back and allocating it again.
+            adapter, metrics = self._worker.train(request, tensors, release_memory=len(self._queue) <= 1)
             return {"metrics": metrics}, adapter
         raise ValueError(f"unknown trainer op {header['op']!r}")
 

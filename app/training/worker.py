@@ -110,14 +110,16 @@ class RoundWorker:
             self._model_key = None  # the resident model has trained since: rebuild it
         return _to_numpy(adapter_state(self._ensure_model(settings)))
 
-    def train(self, request: TrainRequest, global_adapter: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def train(self, request: TrainRequest, global_adapter: dict[str, np.ndarray], release_memory: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """One client round. `release_memory=False` keeps the activations' cached GPU memory for
+        the next request of this process (a device trainer with more clients waiting)."""
         import torch
 
         from app.training.data import round_batches
         from app.training.model import adapter_state, load_adapter_state
         from app.training.train import train_round
 
-        started = time.perf_counter()
+        started, turn_start = time.perf_counter(), time.time()
         settings = load_settings(request.run_config)
         check_run_reads(settings)
         model = self._ensure_model(settings)
@@ -148,6 +150,7 @@ class RoundWorker:
             "model-load-seconds": self.model_load_seconds,
             "tokens": float(result.tokens),
             "steady-step-seconds": _steady(result.step_seconds),
+            "t-turn-start": turn_start,
             "t-train-start": train_start,
             "t-train-end": train_end,
             **gpu.metrics(),
@@ -156,7 +159,9 @@ class RoundWorker:
             metrics["peak-gpu-bytes"] = float(torch.cuda.max_memory_allocated())
         self.model_load_seconds = 0.0  # reported once, by the round that paid for it
         adapter = _to_numpy(adapter_state(model))
-        _release_cached_memory()
+        if release_memory:
+            _release_cached_memory()
+        metrics["t-turn-end"] = time.time()
         return adapter, metrics
 
 
