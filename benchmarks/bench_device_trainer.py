@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import round_path  # noqa: E402
 from bench_multi_gpu import GIB, _versions, build_model, gpu_inventory, prepare_data, run_federation  # noqa: E402
 
 PHASES = {"device": "trainer.placement=device", "nonresident": "trainer.resident=false", "node": "trainer.placement=node"}
@@ -62,6 +63,7 @@ def phase_figures(out: dict, launched: float) -> dict:
         "steady_gpu_peak_mib": out.get("steady_peak_gpu_mib"),
         "plan_output": out.get("plan_output"),
         "log_dir": out.get("log_dir"),
+        "critical_path": round_path.summarize(records),
     }
 
 
@@ -131,6 +133,9 @@ def print_table(r: dict) -> None:
         trainers = sorted({t for x in p["rounds"] for t in x["trainer_ids"]})
         print(f"{name:<12} {p['returncode']:>3} {fmt(p['startup_to_round1_seconds']):>10} {fmt(p['steady_round_seconds']):>14} "
               f"{fmt(p['steady_round_over_train'], 2):>13} {fmt(peak):>12}  {', '.join(trainers)}")
+    if isinstance(r.get("device"), dict) and r["device"].get("critical_path"):
+        print("device placement, where a steady round goes:")
+        round_path.print_summary(r["device"]["critical_path"])
     if "nonresident_over_device" in r:
         print(f"steady round, non-resident / device: {r['nonresident_over_device']:.2f}x")
 

@@ -65,6 +65,9 @@ print(f"training: {rounds[-1]['t_end'] - t0:.0f} s from the command to the last 
 for r in rounds:
     train = sum(c.get("train_seconds", 0) for c in r["clients"])
     print(f"round {r['round']:2d}: {r['round_seconds']:6.1f} s, clients' training {train:6.1f} s ({r['round_seconds'] / max(train, 1e-9):.2f}x)")
+sys.path.insert(0, "benchmarks")
+import round_path
+round_path.print_summary(round_path.summarize(rounds))
 ev = run / "eval" / "summary.json"
 if ev.is_file():
     for name, b in json.loads(ev.read_text()).get("datasets", {}).items():
