@@ -247,3 +247,40 @@ def test_a_supernode_of_a_device_trainer_starts_no_trainer_and_passes_its_token(
     assert (tmp_path / "env").read_text().split() == [str(socket_path), str(token)]
     assert "trainer_service serve" not in (tmp_path / "siblings").read_text()  # the device's trainer is not this node's
     assert run_supernode(["--insecure"], None, str(token)) == 2  # a token without the device trainer's socket
+
+
+class _RecordingWorker:
+    def __init__(self):
+        self.releases = []
+
+    def train(self, request, tensors, release_memory=True):
+        self.releases.append(release_memory)
+        return {}, {}
+
+
+def test_the_trainer_keeps_its_cached_gpu_memory_only_while_another_request_waits(tmp_path):
+    """Giving the activations' memory back after every client and allocating it again for the
+    next was part of a device round's gaps; with nobody waiting it is given back as before."""
+    server = TrainerServer(tmp_path / "t.sock", "device")
+    server._worker = worker = _RecordingWorker()
+    header = {"op": "train", "run_config": RUN_CONFIG, "node": vars(NodeData(0, PARTITIONS)), "server_round": 1, "lr": 5e-5, "proximal_mu": 1.0}
+    server._queue.extend([object(), object()])  # this request running, one more waiting
+    server._dispatch(header, {})
+    server._queue.popleft()  # now it is the last
+    server._dispatch(header, {})
+    server.stop()
+    assert worker.releases == [False, True]
+
+
+def test_a_request_s_turn_brackets_its_training_and_memory_is_released_only_when_asked(monkeypatch):
+    from app.training import worker as worker_module
+
+    released = []
+    monkeypatch.setattr(worker_module, "_release_cached_memory", lambda: released.append(True))
+    worker = RoundWorker()
+    initial = worker.initial_adapter(RUN_CONFIG)
+    released.clear()  # loading the model gives its transient buffers back
+    for release in (False, True):
+        _, m = worker.train(TrainRequest(RUN_CONFIG, NodeData(3, PARTITIONS), 1, 5e-5, 1.0), initial, release_memory=release)
+        assert m["t-turn-start"] <= m["t-train-start"] < m["t-train-end"] <= m["t-turn-end"]
+    assert released == [True]

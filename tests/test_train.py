@@ -134,3 +134,36 @@ def test_a_corrupt_model_cache_is_named_with_its_fix(tmp_path):
         f.truncate(4096)
     with pytest.raises(ModelLoadError, match=rf"could not be loaded from {broken}.*incomplete or corrupt.*model-cache"):
         load_base_model(str(broken), quantization=0)
+
+
+def test_the_adapter_state_is_peft_s_own_state_dict_read_through_the_cached_parameter_map(tiny):
+    """adapter_state / load_adapter_state skip PEFT's walk over the whole base model per call:
+    they must still be exactly PEFT's names and values, and loading must reach the live weights."""
+    from peft import get_peft_model_state_dict
+
+    from app.training.model import adapter_state, load_adapter_state
+
+    settings, _, _ = tiny
+    model = build_peft_model(settings.model, seed=0)
+    peft_state = get_peft_model_state_dict(model)
+    ours = adapter_state(model)
+    assert list(ours) == list(peft_state)
+    assert all(torch.equal(ours[k], peft_state[k].cpu()) for k in ours)
+    shifted = {k: v + 0.25 for k, v in ours.items()}
+    load_adapter_state(model, shifted)
+    assert all(torch.equal(v, shifted[k]) for k, v in get_peft_model_state_dict(model).items())
+    assert all(torch.equal(v, shifted[k]) for k, v in adapter_state(model).items())
+
+
+def test_an_adapter_of_another_shape_or_key_set_is_refused(tiny):
+    from app.training.model import adapter_state, load_adapter_state
+
+    settings, _, _ = tiny
+    model = build_peft_model(settings.model, seed=0)
+    state = adapter_state(model)
+    key = next(iter(state))
+    with pytest.raises(ValueError, match="shape"):
+        load_adapter_state(model, {**state, key: torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="missing"):
+        load_adapter_state(model, {k: v for k, v in state.items() if k != key})
+    assert torch.equal(adapter_state(model)[key], state[key])  # nothing was half-loaded by the refused ones
