@@ -69,7 +69,8 @@ def print_summary(s: dict) -> None:
         for name, value in s[part].items():
             print(f"  {part} {name:<28} {'-' if value is None else f'{value:6.2f}'} s")
         if part == "head":
-            print(f"  between trainings (sum)           {s['gaps_sum']:6.2f} s")
+            overlap = "  (negative: the trainings overlapped, e.g. per-node trainers)" if s["gaps_sum"] < 0 else ""
+            print(f"  between trainings (sum)           {s['gaps_sum']:6.2f} s{overlap}")
 
 
 if __name__ == "__main__":
