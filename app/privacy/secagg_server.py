@@ -14,11 +14,13 @@ total weight against the replies' example counts. A refused sum refuses the roun
 
 Setup and share-keys need no update: while round r's masked updates are out, the ServerApp runs
 round r+1's (`Prepared`, a thread; the two threads take turns on the grid) for the sample
-configure_round will draw, so round r+1 starts at train. A SuperNode handles one message at a
-time, so a node sampled in both rounds answers setup(r+1) once it has replied to train(r): the
-prepared setup waits round r's timeout more than the stage's. Round r+1 runs its key stages inline
-when the prepared ones are unusable: another sample (the online nodes changed), fewer nodes than
-the threshold through share-keys, an error; so does every retry.
+configure_round will draw, so round r+1 starts at train. Their bytes count in round r+1's (those
+of a preparation left unused too), their failures among its failed nodes. A SuperNode handles one message at a time, so
+a node sampled in both rounds answers setup(r+1) only once it has replied to train(r) (and may
+answer unmask(r) before share-keys(r+1)): until round r+1 starts, a prepared stage waits up to
+round r's timeout longer than an inline one; from then on, a stage's seconds, as inline. Round
+r+1 runs its key stages inline when the prepared ones are unusable: another sample (the online
+nodes changed), fewer nodes than the threshold through share-keys, an error; so does every retry.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ NOISE_TAILS = 6.0
 MAX_SHARE_SUBSETS = 64
 
 Exchange = Callable[..., tuple[list[Message], float, dict[str, float], str | None]]
+GiveUp = Callable[[float], str | None]  # given when a stage began (monotonic s): why it stops waiting now, or None
 log = logging.getLogger(__name__)
 
 
@@ -131,12 +134,12 @@ class SecureAttempt:
         self.keys_by_node: dict[int, tuple[bytes, bytes, bytes]] = {}
         self.sent_shares: dict[int, dict[int, bytes]] = {}
 
-    def keys(self, busy: float = 0.0, stop: Callable[[], bool] | None = None) -> bool:
+    def keys(self, busy: float = 0.0, give_up: GiveUp | None = None) -> bool:
         """Setup and share-keys; False (out.problem says why) when fewer nodes than the threshold got
         through. `busy`: how long a node may still be training the previous round before it takes
-        setup; `stop` ends the waits early."""
+        setup; `give_up` may end a stage's wait sooner."""
         a, stage = self.out.announced, self.stage_seconds
-        keys = self._stage(SETUP, "setup", {n: a.record() for n in a.nodes}, self._read_keys, stage + busy, stop)
+        keys = self._stage(SETUP, "setup", {n: a.record() for n in a.nodes}, self._read_keys, stage + busy, give_up)
         if len(keys) < a.threshold:
             self._stop(f"{len(keys)} node(s) answered setup, the threshold is {a.threshold}")
             return False
@@ -144,7 +147,7 @@ class SecureAttempt:
                                   "pk_s": [k[1] for k in keys.values()]})
         # A node that answered setup is past the previous round's train: at most its unmask (a stage) is ahead.
         sent_shares = self._stage(SHARE_KEYS, "share-keys", {n: forwarded for n in keys}, lambda n, c: self._read_shares(c, set(keys)),
-                                  stage + (stage if busy else 0.0), stop)
+                                  stage + (stage if busy else 0.0), give_up)
         if len(sent_shares) < a.threshold:
             self._stop(f"{len(sent_shares)} node(s) sent their shares, the threshold is {a.threshold}")
             return False
@@ -185,10 +188,11 @@ class SecureAttempt:
         self.out.failed.append({"node_id": node, "node": self.names[node], "reason": f"secure aggregation {stage}: {reason}"})
 
     def _stage(self, message_type: str, stage: str, records: Mapping[int, ConfigRecord], read: Callable[[int, RecordDict], Any],
-               timeout: float, stop: Callable[[], bool] | None = None) -> dict[int, Any]:
+               timeout: float, give_up: GiveUp | None = None) -> dict[int, Any]:
         messages = [Message(RecordDict({RECORD: r}), message_type=message_type, dst_node_id=n) for n, r in records.items()]
-        started = time.perf_counter()
-        replies, _, _, problem = self.exchange(self.grid, messages, timeout, enough=stop and (lambda _: stop()))
+        started, since = time.perf_counter(), time.monotonic()
+        replies, _, _, problem = self.exchange(self.grid, messages, timeout, enough=give_up and (lambda _: give_up(since) is not None))
+        problem = problem or (give_up and give_up(since))
         self.out.seconds[stage] = time.perf_counter() - started
         self._count_down(messages)
         got = {}
@@ -321,32 +325,38 @@ class Prepared:
     def __init__(self, attempt: SecureAttempt, busy: float) -> None:
         self.attempt, self.usable = attempt, False
         self.round = attempt.out.announced.server_round
-        self._stop = threading.Event()
+        self._other_sample, self._round_started = False, math.inf  # set by `take`, read by the thread
         self._thread = threading.Thread(target=self._run, args=(busy,), name=f"secagg-prepare-{self.round}", daemon=True)
         self._thread.start()
 
     def _run(self, busy: float) -> None:
         try:
-            self.usable = self.attempt.keys(busy, self._stop.is_set)
+            self.usable = self.attempt.keys(busy, self._give_up)
         except Exception as exc:  # noqa: BLE001 - the round then runs its key stages inline
             self.attempt.out.problem = f"{type(exc).__name__}: {exc}"
             log.exception("secure aggregation: preparing round %d failed", self.round)
 
+    def _give_up(self, since: float) -> str | None:
+        """Once its round has started, a stage waits as an inline one would: no node has the
+        previous round's work left."""
+        if self._other_sample:
+            return "the round drew another sample"
+        if time.monotonic() > max(since, self._round_started) + self.attempt.stage_seconds:
+            return f"no reply within {self.attempt.stage_seconds:g} s of round {self.round}'s start"
+        return None
+
     def take(self, nodes: list[int]) -> SecureAttempt | None:
         """The prepared attempt for the round's sample `nodes`, once its key stages are done; None
         (the reason logged) when it is another sample's (stopped at once) or unusable."""
-        a = self.attempt.out.announced
-        if sorted(nodes) != list(a.nodes):
-            self._stop.set()
-        started = time.perf_counter()
+        self._other_sample = sorted(nodes) != list(self.attempt.out.announced.nodes)
+        self._round_started = started = time.monotonic()
         self._thread.join()
-        waited = time.perf_counter() - started
-        if self._stop.is_set() or not self.usable:
-            why = "the online nodes changed, so did the sample" if self._stop.is_set() else self.attempt.out.problem
+        if self._other_sample or not self.usable:
+            why = "the online nodes changed, so did the sample" if self._other_sample else self.attempt.out.problem
             log.warning("round %d: the prepared key stages are not used (%s): they run again", self.round, why)
             return None
         out = self.attempt.out
-        out.hidden = max(0.0, out.seconds["setup"] + out.seconds["share-keys"] - waited)
+        out.hidden = max(0.0, out.seconds["setup"] + out.seconds["share-keys"] - (time.monotonic() - started))
         return self.attempt
 
 
