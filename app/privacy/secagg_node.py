@@ -4,11 +4,12 @@ weaker threshold). Each stage is one message, handled in a fresh ClientApp proce
 keeps between them, its two secret keys, its mask seed and the announced session, is written
 once, at setup, into the run's context state, which Flower keeps on the SuperNode
 (flwr/supernode/servicer/runtime/runtime_handlers.py: pulled with the task, pushed back when the
-task ends) and never sends to the SuperLink. Later stages only read it: Flower pushes a
-ClientApp's context after its reply, so the next stage's process may start before that write
-lands; what they need besides (public keys, the encrypted shares) comes back in the ServerApp's
-messages. The secrets never leave the node except as Shamir shares, each encrypted for the one
-node that holds it (this node's own included, so that it need not keep them).
+task ends) and never sends to the SuperLink. Later stages only read it (unmask then erases its
+own session): Flower pushes a ClientApp's context after its reply, so the next stage's process
+may start before that write lands; what they need besides (public keys, the encrypted shares)
+comes back in the ServerApp's messages. The secrets never leave the node except as Shamir
+shares, each encrypted for the one node that holds it (this node's own included, so that it need
+not keep them).
 
 Sessions are kept apart, under state keys named by the session id: the ServerApp runs round r+1's
 setup and share-keys while round r trains (app/privacy/secagg_server.py), so a node sampled in
