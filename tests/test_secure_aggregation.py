@@ -151,8 +151,8 @@ def drawn(grid: InMemoryGrid, config: dict, server_round: int) -> list[str]:
 
 def round_updates(run: Path, initial: dict, rounds: int) -> list[dict]:
     """Each round's own update (its adapter less the previous one)."""
-    adapters = [initial] + [{k: initial[k] + v for k, v in saved_update(run, initial, r).items()} for r in range(1, rounds + 1)]
-    return [{k: after[k] - before[k] for k in initial} for before, after in zip(adapters, adapters[1:])]
+    totals = [{k: np.zeros_like(v) for k, v in initial.items()}] + [saved_update(run, initial, r) for r in range(1, rounds + 1)]
+    return [{k: after[k] - before[k] for k in initial} for before, after in zip(totals, totals[1:])]
 
 
 def assert_means(run: Path, config: dict, initial: dict, samples: list[list[str]]) -> None:
