@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -51,6 +52,7 @@ from app.node.flwr_patches import PATCHED_VERSION, bound_reply_pulls, shorten_pu
 from app.privacy import secagg_server
 from app.privacy.central import RoundPrivacy
 from app.privacy.dp import guaranteed_noise_multiplier
+from app.privacy.secagg_records import Announcement
 from app.results.checkpoint import check_same_layout, load_resume_point, save_adapter
 from app.results.metrics import MIB, PLOT_NAME, append_jsonl, plot_run, read_jsonl, write_json_atomic
 
@@ -98,9 +100,10 @@ def sample_nodes(nodes: list[Any], sample_size: int, seed: int, server_round: in
 
 
 def exchange(
-    grid: Grid, messages: list[Message], timeout: float, enough: Callable[[list[Message]], bool] | None = None
+    grid: Grid, messages: list[Message], timeout: float, enough: Callable[[list[Message]], bool] | None = None,
+    pushed: Callable[[], None] | None = None,
 ) -> tuple[list[Message], float, dict[str, float], str | None]:
-    """Push `messages`, then pull replies every POLL_SECONDS until all are in, `enough(replies)`
+    """Push `messages` (then call `pushed`), then pull replies every POLL_SECONDS until all are in, `enough(replies)`
     says the replies so far suffice, or `timeout` s have passed. Returns the replies, when the push finished, when each reply arrived (epoch s,
     keyed by the message it answers) and, for replies that never came, a transport problem
     seen on the way (a SuperLink restart can expire a push session or refuse a pull): that
@@ -111,6 +114,8 @@ def exchange(
         log.warning("pushing %d message(s) failed: %s: %s", len(messages), type(exc).__name__, exc)
         return [], time.time(), {}, f"not delivered ({type(exc).__name__}: {exc})"
     sent = time.time()
+    if pushed is not None:
+        pushed()
     problem = None if len(pending) == len(messages) else "not delivered (the SuperLink refused the message)"
     deadline = time.monotonic() + timeout
     replies, arrived = [], {}
@@ -129,6 +134,10 @@ def exchange(
     return replies, sent, arrived, problem
 
 
+def node_names(nodes: Iterable[Any]) -> dict[int, str]:
+    return {n.node_id: n.name or str(n.node_id) for n in nodes}
+
+
 def wait_for_nodes(grid: Grid, needed: int, what: str) -> list[Any]:
     patience = NODE_WAIT_SECONDS
     deadline = time.monotonic() + patience
@@ -140,6 +149,26 @@ def wait_for_nodes(grid: Grid, needed: int, what: str) -> list[Any]:
             raise NodesUnavailable(f"{what}: {len(nodes)} SuperNode(s) online after {patience:g} s, {needed} needed")
         log.info("%s: waiting for SuperNodes (%d online, %d needed)", what, len(nodes), needed)
         time.sleep(1)
+
+
+class SerialGrid:
+    """The run's Grid, its calls taking turns: with secure aggregation a thread runs the next
+    round's key stages while the main one waits for the round's updates, and flwr 1.42 does not
+    make its Grid safe to share (HttpGrid connects on first use, unlocked)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid, self._lock = grid, threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._grid, name)
+        if not callable(attr):
+            return attr
+
+        def serial(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return serial
 
 
 class FedTuneProx(FedProx):
@@ -162,6 +191,7 @@ class FedTuneProx(FedProx):
         self.max_examples = max_num_examples(settings)
         self.privacy = RoundPrivacy(settings, self.max_examples)  # refuses DP without a weight cap
         self.secure = settings.privacy.secure_aggregation
+        self.prepared: secagg_server.Prepared | None = None  # the next round's key stages, under way
         if self.secure and self.max_examples is None:
             raise ConfigError("privacy.secure-aggregation needs a bound on a node's weight: set strategy.max-num-examples "
                               "(the dataset is not one the server knows the partition size of)")
@@ -170,11 +200,15 @@ class FedTuneProx(FedProx):
         train = self.settings.train
         return cosine_lr(server_round, self.settings.num_server_rounds, train.learning_rate_max, train.learning_rate_min)
 
+    def sample_size(self, online: int) -> int:
+        strategy = self.settings.strategy
+        needed = max(strategy.min_train_nodes, strategy.min_replies)
+        return max(int(online * strategy.fraction_train), needed, secagg_server.MIN_NODES if self.secure else 1)
+
     def configure_round(self, server_round: int, master: State, grid: Grid, attempt: int) -> tuple[list[Message], dict[int, str]]:
         strategy, comm_settings = self.settings.strategy, self.settings.comm
-        needed = max(strategy.min_train_nodes, strategy.min_replies)
-        nodes = wait_for_nodes(grid, needed, f"round {server_round}")
-        size = max(int(len(nodes) * strategy.fraction_train), needed, secagg_server.MIN_NODES if self.secure else 1)
+        nodes = wait_for_nodes(grid, max(strategy.min_train_nodes, strategy.min_replies), f"round {server_round}")
+        size = self.sample_size(len(nodes))
         if self.secure and len(nodes) < size:
             nodes = wait_for_nodes(grid, size, f"round {server_round} (secure aggregation takes {size} nodes)")
         nodes = sample_nodes(nodes, size, self.settings.seed, server_round, attempt)
@@ -182,7 +216,7 @@ class FedTuneProx(FedProx):
         arrays, wire = comm.encode(master, comm.download_format(comm_settings.format), comm.WEIGHTS, comm_settings.layout)
         record = RecordDict({self.arrayrecord_key: arrays, "wire": wire, self.configrecord_key: config})
         messages = [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n.node_id) for n in nodes]
-        return messages, {n.node_id: n.name or str(n.node_id) for n in nodes}
+        return messages, node_names(nodes)
 
     def collect(self, messages: list[Message], replies: Iterable[Message], names: dict[int, str], shapes: Mapping[str, tuple[int, ...]], problem: str | None = None) -> dict[str, Any]:
         """Sort replies into usable ones (in sample order, so aggregation is reproducible) and
@@ -233,7 +267,9 @@ class FedTuneProx(FedProx):
         shapes = comm.shapes_of(master)
         attempts = 1 + (strategy.max_retries if strategy.on_too_few_replies == "retry" else 0)
         if self.secure:
-            record.update(secagg_bytes_keys=0, secagg_bytes_shares=0, secagg_bytes_masked=0, secagg_seconds={})
+            # secagg_hidden_seconds: of setup and share-keys, prepared during the previous round, the time that ran before this one
+            record.update(secagg_bytes_keys=0, secagg_bytes_shares=0, secagg_bytes_masked=0, secagg_seconds={}, secagg_prepared=False,
+                          secagg_hidden_seconds=0.0)
         for attempt in range(attempts):
             messages, names = self.configure_round(server_round, master, grid, attempt)
             if self.secure:
@@ -243,6 +279,8 @@ class FedTuneProx(FedProx):
                     record[f"secagg_{key}"] += got[key]
                 for stage, seconds in secure.seconds.items():
                     record["secagg_seconds"][stage] = record["secagg_seconds"].get(stage, 0.0) + seconds
+                if secure.hidden is not None:
+                    record.update(secagg_prepared=True, secagg_hidden_seconds=secure.hidden)
                 if secure.problem:
                     record["skip_reason"] = secure.problem
             else:
@@ -328,21 +366,60 @@ class FedTuneProx(FedProx):
         return new_master
 
     def _secure_attempt(self, grid: Grid, server_round: int, master: State, messages: list[Message], names: dict[int, str]) -> secagg_server.Attempt:
-        """One attempt under secure aggregation (app/privacy/secagg_server.py); the round's bound
-        cannot use the median update norm, which the ServerApp never sees."""
+        """One attempt under secure aggregation (app/privacy/secagg_server.py), its key stages
+        prepared during the previous round if they can be used."""
         settings, parameters = self.settings, sum(v.size for v in master.values())
-        bound = self.norm_bound(server_round, parameters, [])
-        recipe = recipe_norm_bound(settings.train.training_arguments.max_steps, self.lr(server_round), parameters)
-        noise = settings.privacy.noise_multiplier
-        announced = secagg_server.announcement([m.metadata.dst_node_id for m in messages], server_round, parameters, bound, recipe,
-                                               self.max_examples, settings.strategy.min_replies, noise)
+        nodes = [m.metadata.dst_node_id for m in messages]
+        prepared = None
+        if self.prepared is not None and self.prepared.round == server_round:  # the round's first attempt takes it
+            prepared, self.prepared = self.prepared, None
+        secure = prepared.take(nodes) if prepared is not None else None
+        if secure is None:
+            secure = self._inline(grid, server_round, parameters, nodes, names)
+            if prepared is not None:
+                secure.out.add_traffic(prepared.attempt.out)
+        if secure.out.problem:
+            return secure.out
         kinds = {self.arrayrecord_key: ArrayRecord, "metrics": MetricRecord}
 
         def check(content: RecordDict) -> dict[str, float]:
             return check_metrics(content, kinds, self.max_examples, settings.dataset.num_partitions)
 
-        attempt = secagg_server.SecureAttempt(grid, exchange, names, settings.strategy.round_timeout)
-        return attempt.run(messages, announced, check)
+        def prepare_next() -> None:  # once this round's updates are out, never after the last round or twice
+            if server_round < settings.num_server_rounds and self.prepared is None:
+                self._prepare(grid, server_round + 1, parameters)
+
+        return secure.finish(messages, check, prepare_next)
+
+    def _inline(self, grid: Grid, server_round: int, parameters: int, nodes: list[int], names: dict[int, str]) -> secagg_server.SecureAttempt:
+        secure = secagg_server.SecureAttempt(grid, exchange, names, self.settings.strategy.round_timeout,
+                                             self._announcement(server_round, parameters, nodes))
+        secure.keys()
+        return secure
+
+    def _prepare(self, grid: Grid, server_round: int, parameters: int) -> None:
+        """Start round `server_round`'s key stages in a thread, for the sample configure_round will
+        draw if the online nodes stay the same; nothing when too few are online."""
+        try:
+            nodes = list(grid.get_nodes())
+        except TRANSPORT_ERRORS as exc:
+            log.warning("round %d: key stages not prepared (%s: %s)", server_round, type(exc).__name__, exc)
+            return
+        if len(nodes) < (size := self.sample_size(len(nodes))):
+            return
+        names = node_names(sample_nodes(nodes, size, self.settings.seed, server_round, 0))
+        timeout = self.settings.strategy.round_timeout
+        attempt = secagg_server.SecureAttempt(grid, exchange, names, timeout, self._announcement(server_round, parameters, list(names)))
+        self.prepared = secagg_server.Prepared(attempt, busy=timeout)  # a node sampled in this round first trains it
+
+    def _announcement(self, server_round: int, parameters: int, nodes: list[int]) -> Announcement:
+        """The session's parameters; the round's bound cannot use the median update norm, which the
+        ServerApp never sees: it depends on the round and the adapter's size alone."""
+        settings = self.settings
+        bound = self.norm_bound(server_round, parameters, [])
+        recipe = recipe_norm_bound(settings.train.training_arguments.max_steps, self.lr(server_round), parameters)
+        return secagg_server.announcement(nodes, server_round, parameters, bound, recipe, self.max_examples, settings.strategy.min_replies,
+                                          settings.privacy.noise_multiplier)
 
     def _aggregate_secure(self, master: State, secure: secagg_server.Attempt, record: dict[str, Any], sent: float, arrived: dict[str, float]) -> State:
         """The new global adapter from the unmasked sum; the old one (round skipped, reason
@@ -477,6 +554,7 @@ def main(grid: Grid, context: Context) -> None:
     log.info("results in %s", run_dir)
 
     started = time.perf_counter()
+    grid = SerialGrid(grid)
     strategy = FedTuneProx(settings, run_dir)
     # Replies are bounded before they are pulled (app/node/flwr_patches.py): the initial adapter by
     # what comm accepts at most, each round's update by its known size.

@@ -72,6 +72,9 @@ def run(mode: str, secure: bool, rounds: int, results: Path, extra: list[str], e
         "steady_round_seconds": steady, "steady_median": statistics.median(steady) if steady else None,
         "stage_median_seconds": {k: statistics.median(v) for k, v in stages.items()},
         "node_mask_median_seconds": statistics.median(c.get("secagg_mask_seconds", 0.0) for r in records for c in r["clients"]),
+        # Setup and share-keys of a prepared round ran during the previous one: their stage seconds include that wait.
+        "prepared_rounds": sum(bool(r.get("secagg_prepared")) for r in records),
+        "hidden_median_seconds": statistics.median(r.get("secagg_hidden_seconds", 0.0) for r in records[1:]) if secure and len(records) > 1 else None,
         "bytes_up_per_round": statistics.median(r["bytes_up"] for r in records),
         "bytes_down_per_round": statistics.median(r["bytes_down"] for r in records),
         "secagg_bytes": {k: records[-1].get(f"secagg_bytes_{k}") for k in ("keys", "shares", "masked")},
@@ -102,6 +105,7 @@ def main() -> None:
         print(f"{name:8} {r['steady_median'] or float('nan'):24.2f} {r['bytes_up_per_round']:15,.0f} {' '.join(r['statuses'])}")
     print("secure stages (median s):", ", ".join(f"{k} {v:.2f}" for k, v in secure["stage_median_seconds"].items()),
           f"; a node's masking {secure['node_mask_median_seconds']:.2f}")
+    print(f"key stages prepared during the previous round: {secure['prepared_rounds']} round(s), hidden {secure['hidden_median_seconds'] or 0.0:.2f} s (median)")
     print(f"steady secure / plain: {out['steady_ratio']:.2f}x (target <= 1.3x); upload {out['upload_ratio']:.2f}x")
     path = Path(args.json) if args.json else REPO / "benchmarks" / "results" / f"secagg_{args.mode}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,13 @@ for tests that drive the real ServerApp (`main`, `FedTuneProx`) without processe
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import json
 import random
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,67 +23,131 @@ from flwr.supercore.task_identity import TaskIdentity
 import app.client_app as client_app
 from app import comm, server_app
 from app.privacy import secagg_node
+from app.privacy.secagg_records import RECORD
 
 SUPERLINK = 1  # Flower's SUPERLINK_NODE_ID: the sender of errors the SuperLink makes up
 
 
 class InMemoryGrid:
-    """The part of Flower's Grid the ServerApp uses. `fault(node_name, round, attempt)` returns
-    None (reply normally), "drop" (no reply: killed or timed out), "lost" (the SuperLink reports
-    the node unavailable) or "error" (the ClientApp raised)."""
+    """The part of Flower's Grid the ServerApp uses, with a SuperNode's order: each node handles its
+    messages one at a time, in the order pushed, and its context state is written back, whole,
+    after its reply. `fault(node_name, round, attempt)` returns None (reply normally), "drop" (no
+    reply: killed or timed out), "lost" (the SuperLink reports the node unavailable) or "error"
+    (the ClientApp raised); `train_seconds(node_name, round)` is how long a node trains (its reply
+    and its next message wait that long)."""
 
     def __init__(self, names: list[str], run_config: dict, client: Callable, fault: Callable = lambda *a: None, id_base: int = 1000):
         self.nodes = {id_base + 7 * i: name for i, name in enumerate(names)}
         self.partition = {node: int(name.rsplit("-", 1)[1]) for node, name in self.nodes.items()}
         self.run_config, self.client, self.fault = run_config, client, fault
+        self.online = set(self.nodes)  # the nodes get_nodes lists; one taken out answers nothing more
         self.attempts: dict[int, int] = {}
         self.sent: list[tuple[int, str]] = []  # (round, node name) of every train message
         self.crash_at_round: int | None = None
-        self.replies: dict[str, Message] = {}  # pushed messages' replies, by message id
         self.states: dict[int, RecordDict] = {}  # each node's context state, kept across messages as a SuperNode does
-        # (node name, message type) -> None or "drop", for secure aggregation's key stages
+        # (node name, message type, round) -> None or "drop", for secure aggregation's key stages
         self.stage_fault: Callable = lambda *a: None
         # message type -> whether what its ClientApp writes to the context state is kept (Flower
         # pushes the context after the reply: the next message's process may not see it)
         self.keeps_state: Callable = lambda message_type: True
+        self.train_seconds: Callable = lambda name, server_round: 0.0
+        # ("push" or "reply" (pulled by the ServerApp), message type, round, node name), in the order they happened
+        self.events: list[tuple[str, str, int, str]] = []
+        self.queues: dict[int, collections.deque] = {node: collections.deque() for node in self.nodes}
+        self.free_at = dict.fromkeys(self.nodes, 0.0)  # when each node is done with its last message (monotonic s)
+        self.replies: dict[str, tuple[float, Message, tuple]] = {}  # by message id: when it may be pulled, the reply, its event
+        self.rounds: dict[str, int] = {}  # each announced session's round
+        self._calls = threading.Lock()
+
+    @contextlib.contextmanager
+    def _one_call(self):
+        """Flower's Grid is not made for two threads: the ServerApp must take turns on it."""
+        if not self._calls.acquire(blocking=False):
+            raise AssertionError("two Grid calls at once")
+        try:
+            yield
+        finally:
+            self._calls.release()
 
     def get_nodes(self):
-        # SuperLink order is arbitrary: the ServerApp must not depend on it.
-        return random.sample([NodeInfo(node_id=n, name=name) for n, name in self.nodes.items()], len(self.nodes))
+        with self._one_call():
+            # SuperLink order is arbitrary: the ServerApp must not depend on it.
+            return random.sample([NodeInfo(node_id=n, name=self.nodes[n]) for n in self.online], len(self.online))
 
     def get_node_ids(self):
-        return list(self.nodes)
+        with self._one_call():
+            return list(self.online)
 
     def push_messages(self, messages):
-        """Runs each node's ClientApp at once; its reply waits for `pull_messages`."""
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink does on push
-            ids.append(msg.object_id)
-            if (reply := self._reply(msg, first=msg is messages[0])) is not None:
-                self.replies[msg.object_id] = reply
-        return ids
+        """Queues each message for its node; a node's ClientApp runs when the node is free."""
+        with self._one_call():
+            ids, attempt = [], None
+            for msg in messages:
+                msg.metadata.__dict__["_message_id"] = msg.object_id  # as the SuperLink does on push
+                ids.append(msg.object_id)
+                node, server_round = msg.metadata.dst_node_id, self._round(msg)
+                if msg.metadata.message_type == "train":
+                    if server_round == self.crash_at_round:
+                        raise KeyboardInterrupt("ServerApp killed")
+                    if attempt is None:
+                        attempt = self.attempts[server_round] = self.attempts.get(server_round, -1) + 1
+                    self.sent.append((server_round, self.nodes[node]))
+                self.events.append(("push", msg.metadata.message_type, server_round, self.nodes[node]))
+                self.queues[node].append((msg, attempt, time.monotonic()))
+            self._advance()
+            return ids
 
     def pull_messages(self, message_ids):
-        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+        with self._one_call():
+            self._advance()
+            now, got = time.monotonic(), []
+            for i in message_ids:
+                if i in self.replies and self.replies[i][0] <= now:
+                    _, reply, event = self.replies.pop(i)
+                    got.append(reply)
+                    self.events.append(("reply", *event))
+            return got
 
-    def _reply(self, msg: Message, first: bool) -> Message | None:
+    def _round(self, msg: Message) -> int:
+        record = msg.content.get(RECORD) if msg.content is not None else None
+        if msg.metadata.message_type == "train":
+            return int(msg.content["config"]["server-round"])
+        if msg.metadata.message_type == "query.secagg_setup":
+            self.rounds[record["session"]] = int(record["server_round"])
+        return self.rounds.get(record["session"], 0) if record is not None else 0
+
+    def _advance(self) -> None:
+        """Each free node takes its next message; its reply can be pulled once it is done."""
+        now = time.monotonic()
+        for node, queue in self.queues.items():
+            while queue and self.free_at[node] <= now:
+                msg, attempt, pushed = queue.popleft()
+                start = max(self.free_at[node], pushed)
+                server_round, name = self._round(msg), self.nodes[node]
+                self.free_at[node] = start + (self.train_seconds(name, server_round) if msg.metadata.message_type == "train" else 0.0)
+                if node in self.online and (reply := self._reply(msg, attempt)) is not None:
+                    self.replies[msg.object_id] = (self.free_at[node], reply, (msg.metadata.message_type, server_round, name))
+
+    def _reply(self, msg: Message, attempt: int | None) -> Message | None:
+        """The node's reply (None: no reply), its ClientApp run on a copy of its context state,
+        written back after the reply when `keeps_state` says so."""
         node = msg.metadata.dst_node_id
-        state = self.states.setdefault(node, RecordDict())
         context = Context(run_id=1, node_id=node, node_config={"partition-id": self.partition[node], "num-partitions": len(self.nodes)},
-                          state=state if self.keeps_state(msg.metadata.message_type) else copy.deepcopy(state), run_config=self.run_config)
+                          state=copy.deepcopy(self.states.get(node, RecordDict())), run_config=self.run_config)
+        reply = self._answer(msg, attempt, context)
+        if self.keeps_state(msg.metadata.message_type):
+            self.states[node] = context.state
+        return reply
+
+    def _answer(self, msg: Message, attempt: int | None, context: Context) -> Message | None:
+        name = self.nodes[msg.metadata.dst_node_id]
         if msg.metadata.message_type == "query.init":
             return client_app.initial_adapter(msg, context)
         if handler := SECAGG_HANDLERS.get(msg.metadata.message_type):
-            if self.stage_fault(self.nodes[node], msg.metadata.message_type) == "drop":
+            if self.stage_fault(name, msg.metadata.message_type, self._round(msg)) == "drop":
                 return None
             return as_clientapp(handler, msg, context)
-        server_round = int(msg.content["config"]["server-round"])
-        if server_round == self.crash_at_round:
-            raise KeyboardInterrupt("ServerApp killed")
-        attempt = self.attempts[server_round] = self.attempts.get(server_round, -1) + first
-        self.sent.append((server_round, self.nodes[node]))
-        fault = self.fault(self.nodes[node], server_round, attempt)
+        fault = self.fault(name, int(msg.content["config"]["server-round"]), attempt)
         if fault == "drop":
             return None
         if fault == "lost":

@@ -295,9 +295,9 @@ def init_grid(tmp_path: Path, answers: dict, names=THREE, **extra) -> InMemoryGr
     grid = InMemoryGrid(names, three_sites(tmp_path, **{"dataset.num-partitions": len(names), **extra}), fake_client)
     original = grid._reply
 
-    def reply(msg, first):
+    def reply(msg, attempt):
         if msg.metadata.message_type != "query.init":
-            return original(msg, first)
+            return original(msg, attempt)
         name = grid.nodes[msg.metadata.dst_node_id]
         answer = answers.get(name, lambda m: adapter_reply(m, honest))
         return answer(msg)
@@ -479,10 +479,10 @@ def test_a_run_that_skips_too_many_rounds_fails_with_its_reasons(tmp_path, fast_
 
 def test_errors_a_node_chooses_are_quoted_short(tmp_path, fast_init):
     class LongErrors(InMemoryGrid):
-        def _reply(self, msg, first):
+        def _reply(self, msg, attempt):
             if msg.metadata.message_type == "train" and self.nodes[msg.metadata.dst_node_id] == "supernode-1":
                 return Message(Error(code=2, reason="x" * 100_000), reply_to=msg)
-            return super()._reply(msg, first)
+            return super()._reply(msg, attempt)
 
     [record] = metrics_of(run_main(LongErrors(THREE, three_sites(tmp_path, **{"num-server-rounds": 1}), fake_client), run_id=11))
     [failure] = record["failed"]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from scipy import stats
 
 import app.client_app as client_app
@@ -22,7 +23,7 @@ from app.config import ConfigError, load_settings
 from app.privacy import ring, secagg_node, secagg_server
 from app.privacy.dp import node_noise_std
 from app.privacy.secagg_records import RECORD, ProtocolError
-from app.server_app import FedTuneProx
+from app.server_app import FedTuneProx, sample_nodes
 from fake_grid import (FAKE_STEP, InMemoryGrid, as_clientapp, fake_round, fake_secure_client, fast_init, metrics_of, run_main,  # noqa: F401 (fixtures)
                        task_identity, tiny_config)
 
@@ -99,7 +100,7 @@ def test_keys_shares_and_masked_updates_are_counted_apart(tmp_path, fast_init):
 
 def test_a_node_lost_after_its_masked_upload_is_recovered(tmp_path, fast_init):
     grid = InMemoryGrid(THREE, secure_config(tmp_path), fake_secure_client)
-    grid.stage_fault = lambda name, stage: "drop" if (name, stage) == ("supernode-2", "query.secagg_unmask") else None
+    grid.stage_fault = lambda name, stage, _round: "drop" if (name, stage) == ("supernode-2", "query.secagg_unmask") else None
     run = run_main(grid, run_id=3)
     [record] = metrics_of(run)
     assert record["status"] == "aggregated"
@@ -112,7 +113,7 @@ def test_a_node_lost_after_its_masked_upload_is_recovered(tmp_path, fast_init):
 @pytest.mark.parametrize("stage", ["query.secagg_share_keys", "train"])
 def test_a_node_lost_before_its_masked_upload_is_excluded(tmp_path, fast_init, stage):
     grid = InMemoryGrid(THREE, secure_config(tmp_path), fake_secure_client, fault=lambda name, *_: "drop" if name == "supernode-2" and stage == "train" else None)
-    grid.stage_fault = lambda name, s: "drop" if (name, s) == ("supernode-2", stage) else None
+    grid.stage_fault = lambda name, s, _round: "drop" if (name, s) == ("supernode-2", stage) else None
     run = run_main(grid, run_id=4)
     [record] = metrics_of(run)
     assert record["status"] == "aggregated"
@@ -132,9 +133,181 @@ def test_only_setup_writes_the_node_state(tmp_path, fast_init):
     assert all(np.abs(got[k] - want[k]).max() <= 3 * grid_step(secure_config(tmp_path), fast_init) for k in want)
 
 
+# ------------------------------------------- round r+1's key stages while round r trains
+
+FIVE = [f"supernode-{i}" for i in range(5)]
+# The rounds' samples of 3 from FIVE at the tiny profile's seed: {1, 2, 4}, {1, 3, 4}, {0, 1, 2}.
+
+
+def five_config(tmp_path: Path, **extra) -> dict:
+    return secure_config(tmp_path, **{"dataset.num-partitions": 5, "strategy.fraction-train": 0.5, **extra})
+
+
+def drawn(grid: InMemoryGrid, config: dict, server_round: int) -> list[str]:
+    """Round `server_round`'s first sample, as the ServerApp draws it from the grid's online nodes."""
+    nodes = [NodeInfo(node_id=n, name=grid.nodes[n]) for n in grid.online]
+    return sorted(n.name for n in sample_nodes(nodes, 3, load_settings(config).seed, server_round, 0))
+
+
+def round_updates(run: Path, initial: dict, rounds: int) -> list[dict]:
+    """Each round's own update (its adapter less the previous one)."""
+    totals = [{k: np.zeros_like(v) for k, v in initial.items()}] + [saved_update(run, initial, r) for r in range(1, rounds + 1)]
+    return [{k: after[k] - before[k] for k in initial} for before, after in zip(totals, totals[1:])]
+
+
+def assert_means(run: Path, config: dict, initial: dict, samples: list[list[str]]) -> None:
+    step = grid_step(config, initial)
+    for got, names in zip(round_updates(run, initial, len(samples)), samples, strict=True):
+        want = expected_mean(names, initial)
+        assert all(np.abs(got[k] - want[k]).max() <= 3 * step for k in want), names
+
+
+def pushes(grid: InMemoryGrid, message_type: str) -> list[int]:
+    return [r for what, kind, r, _ in grid.events if (what, kind) == ("push", message_type)]
+
+
+# Keys of a round of 3 (test_keys_shares_and_masked_updates_are_counted_apart): its keys and shares alone.
+ROUND_KEYS, ROUND_SHARES = 3 * 98 + 3 * 3 * 66 + 2 * 3 * 3 * 33, 2 * 9 * 248 + 9 * 52
+
+
+def test_the_next_rounds_key_stages_run_while_a_round_trains(tmp_path, fast_init):
+    config = five_config(tmp_path, **{"num-server-rounds": 3})
+    grid = InMemoryGrid(FIVE, config, fake_secure_client)
+    samples = [drawn(grid, config, r) for r in (1, 2, 3)]
+    # A node that round r+1 does not sample trains round r slowly: round r+1's key stages can end first.
+    grid.train_seconds = lambda name, r: 2.0 if r < 3 and name not in samples[r] else 0.1
+    run = run_main(grid, run_id=20)
+    records = metrics_of(run)
+    assert [(r["status"], r["failed"], r["secagg_prepared"]) for r in records] == [("aggregated", [], False), ("aggregated", [], True), ("aggregated", [], True)]
+    assert [sorted(f"supernode-{c['partition_id']}" for c in r["clients"]) for r in records] == samples
+    assert_means(run, config, fast_init, samples)
+    for r in (1, 2):
+        last_update = max(i for i, e in enumerate(grid.events) if e[:3] == ("reply", "train", r))
+        shares = [i for i, e in enumerate(grid.events) if e[:3] == ("reply", "query.secagg_share_keys", r + 1)]
+        assert len(shares) == 3 and max(shares) < last_update  # all of round r+1's shares were in before round r's last update
+        seconds = records[r]["secagg_seconds"]  # as measured, waiting behind round r's train included
+        assert records[r]["secagg_hidden_seconds"] == pytest.approx(seconds["setup"] + seconds["share-keys"], abs=0.05)  # all of it
+    assert pushes(grid, "query.secagg_setup") == [1] * 3 + [2] * 3 + [3] * 3  # each round's keys once, none for a round 4
+    # Each round's line counts its own keys and shares, prepared during the previous round or not.
+    assert [(r["secagg_bytes_keys"], r["secagg_bytes_shares"]) for r in records] == [(ROUND_KEYS, ROUND_SHARES)] * 3
+
+
+def test_the_last_round_prepares_nothing(tmp_path, fast_init):
+    grid = InMemoryGrid(THREE, secure_config(tmp_path, **{"num-server-rounds": 2}), fake_secure_client)
+    records = metrics_of(run_main(grid, run_id=21))
+    assert [r["secagg_prepared"] for r in records] == [False, True]
+    assert pushes(grid, "query.secagg_setup") == [1, 1, 1, 2, 2, 2]
+
+
+def test_a_node_of_two_rounds_keeps_both_sessions_and_unmasks_each(tmp_path, fast_init):
+    config = five_config(tmp_path, **{"num-server-rounds": 2})
+    grid = InMemoryGrid(FIVE, config, fake_secure_client)
+    samples = [drawn(grid, config, r) for r in (1, 2)]
+    both = sorted(set(samples[0]) & set(samples[1]))  # supernode-1 and -4
+    grid.train_seconds = lambda name, r: 2.0 if r == 1 and name not in samples[1] else 0.1  # round 1's unmask comes after round 2's setup
+    held = {}
+    setup = client_app.secagg_setup
+
+    def recording(msg, context):
+        reply = setup(msg, context)
+        sessions = [k.removeprefix(secagg_node.ANNOUNCED) for k in context.state if k.startswith(secagg_node.ANNOUNCED)]
+        held[grid.nodes[context.node_id], msg.content[RECORD]["server_round"]] = sorted(
+            context.state[secagg_node.ANNOUNCED + s]["server_round"] for s in sessions)
+        return reply
+
+    import fake_grid
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(fake_grid.SECAGG_HANDLERS, "query.secagg_setup", recording)
+        run = run_main(grid, run_id=22)
+    assert {name: held[name, 2] for name in both} == {name: [1, 2] for name in both}  # round 1's session was still there
+    records = metrics_of(run)
+    assert [(r["status"], r["failed"], r["secagg_prepared"]) for r in records] == [("aggregated", [], False), ("aggregated", [], True)]
+    assert_means(run, config, fast_init, samples)
+    unmasked = [(r, name) for what, kind, r, name in grid.events if (what, kind) == ("reply", "query.secagg_unmask")]
+    assert sorted(unmasked) == [(r + 1, name) for r in (0, 1) for name in samples[r]]  # both nodes answered both unmasks
+    # Each session ended where it was unmasked: no node holds one.
+    assert not [key for state in grid.states.values() for key in state]
+
+
+def test_setup_drops_the_sessions_of_rounds_before_the_previous_one():
+    context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    for server_round in (1, 2, 3):
+        announced = secagg_server.announcement([5, 6, 7], server_round, 100, 1.0, 1.0, 10, 1, 0.0)
+        secagg_node.setup(RecordDict({RECORD: announced.record()}), context)
+    rounds = sorted(context.state[k]["server_round"] for k in context.state if k.startswith(secagg_node.ANNOUNCED))
+    assert rounds == [2, 3] and len(context.state) == 4  # round 2's may still be unmasked; its secrets with it
+
+
+@pytest.mark.parametrize("stage, name", [("query.secagg_setup", "setup"), ("query.secagg_share_keys", "share-keys")])
+def test_a_node_lost_in_the_prepared_key_stages_is_excluded(tmp_path, fast_init, stage, name):
+    config = five_config(tmp_path, **{"num-server-rounds": 2})
+    grid = InMemoryGrid(FIVE, config, fake_secure_client)
+    samples = [drawn(grid, config, r) for r in (1, 2)]
+    lost = "supernode-3"  # sampled in round 2 only
+    grid.stage_fault = lambda node, s, r: "drop" if (node, s, r) == (lost, stage, 2) else None
+    run = run_main(grid, run_id=23)
+    records = metrics_of(run)
+    assert [(r["status"], r["secagg_prepared"]) for r in records] == [("aggregated", False), ("aggregated", True)]
+    # Not the 10 s it may wait while round 1 still trains: a stage's 5 s once round 2 has started, as an inline one.
+    assert [(f["node"], f["reason"]) for f in records[1]["failed"]] == [(lost, f"secure aggregation {name}: no reply within 5 s of round 2's start")]
+    kept = [n for n in samples[1] if n != lost]
+    assert sorted(f"supernode-{c['partition_id']}" for c in records[1]["clients"]) == kept
+    assert_means(run, config, fast_init, [samples[0], kept])
+
+
+def test_prepared_key_stages_for_another_sample_are_dropped_and_run_inline(tmp_path, fast_init):
+    config = five_config(tmp_path, **{"num-server-rounds": 2})
+    grid = InMemoryGrid(FIVE, config, fake_secure_client)
+    gone = next(n for n, name in grid.nodes.items() if name == "supernode-0")  # in neither round's sample
+    push = grid.push_messages
+
+    def leave_after_preparing(messages):
+        ids = push(messages)
+        if pushes(grid, "query.secagg_setup").count(2) == 3:  # round 2's key stages are under way
+            grid.online.discard(gone)
+        return ids
+
+    grid.push_messages = leave_after_preparing
+    samples, prepared = [drawn(grid, config, 1)], drawn(grid, config, 2)
+    grid.online.discard(gone)
+    samples.append(drawn(grid, config, 2))
+    grid.online.add(gone)
+    assert samples[1] != prepared
+    run = run_main(grid, run_id=24)
+    records = metrics_of(run)
+    assert [(r["status"], r["failed"], r["secagg_prepared"]) for r in records] == [("aggregated", [], False), ("aggregated", [], False)]
+    assert pushes(grid, "query.secagg_setup") == [1] * 3 + [2] * 6  # prepared for one sample, run again for the other
+    assert sorted(f"supernode-{c['partition_id']}" for c in records[1]["clients"]) == samples[1]
+    assert_means(run, config, fast_init, samples)
+
+
+def test_prepared_key_stages_below_the_threshold_run_again_inline(tmp_path, fast_init):
+    config = five_config(tmp_path, **{"num-server-rounds": 2, "strategy.round-timeout": 2.0})
+    grid = InMemoryGrid(FIVE, config, fake_secure_client)
+    samples = [drawn(grid, config, r) for r in (1, 2)]
+    dropped = set()
+
+    def once(node, stage, r):  # two of round 2's nodes miss the prepared share-keys, not the inline one
+        if (stage, r) == ("query.secagg_share_keys", 2) and node != samples[1][0] and node not in dropped:
+            dropped.add(node)
+            return "drop"
+        return None
+
+    grid.stage_fault = once
+    run = run_main(grid, run_id=25)
+    records = metrics_of(run)
+    assert [(r["status"], r["failed"], r["secagg_prepared"]) for r in records] == [("aggregated", [], False), ("aggregated", [], False)]
+    assert pushes(grid, "query.secagg_setup") == [1] * 3 + [2] * 6
+    assert_means(run, config, fast_init, samples)
+    # The unused preparation moved bytes too: 3 setup replies, 3 x 2 keys forwarded, one node's 3 encrypted shares.
+    assert records[1]["secagg_bytes_keys"] == ROUND_KEYS + 3 * 98 + 3 * 3 * 66
+    assert records[1]["secagg_bytes_shares"] == ROUND_SHARES + 3 * 248
+
+
 def test_below_the_threshold_the_round_follows_the_policy(tmp_path, fast_init):
     grid = InMemoryGrid(THREE, secure_config(tmp_path, **{"strategy.on-too-few-replies": "skip"}), fake_secure_client)
-    grid.stage_fault = lambda name, stage: "drop" if name != "supernode-0" and stage == "query.secagg_setup" else None
+    grid.stage_fault = lambda name, stage, _round: "drop" if name != "supernode-0" and stage == "query.secagg_setup" else None
     with pytest.raises(Exception, match="no round aggregated"):
         run_main(grid, run_id=5)
     [record] = metrics_of(Path(grid.run_config["results.dir"]) / "run-5")
@@ -174,7 +347,7 @@ def test_a_tampered_share_is_dropped_and_the_threshold_still_reconstructs(tmp_pa
 def test_tampered_shares_below_the_threshold_refuse_the_round(tmp_path, fast_init):
     # supernode-2 drops after its upload: its seed needs 2 shares, supernode-0's copy is tampered.
     grid = InMemoryGrid(THREE, secure_config(tmp_path, **{"strategy.on-too-few-replies": "skip"}), fake_secure_client)
-    grid.stage_fault = lambda name, stage: "drop" if (name, stage) == ("supernode-2", "query.secagg_unmask") else None
+    grid.stage_fault = lambda name, stage, _round: "drop" if (name, stage) == ("supernode-2", "query.secagg_unmask") else None
     Tamper(grid, count=2)
     with pytest.raises(Exception, match="no round aggregated"):
         run_main(grid, run_id=7)
@@ -347,7 +520,7 @@ def test_no_secret_of_a_node_leaves_it(tmp_path, fast_init):
 
     def recording(msg, context):
         reply = setup(msg, context)
-        secrets_seen[context.node_id] = dict(context.state[secagg_node.SECRETS])
+        secrets_seen[context.node_id] = dict(context.state[secagg_node.SECRETS + msg.content[RECORD]["session"]])
         return reply
 
     import fake_grid
@@ -363,7 +536,7 @@ def test_no_secret_of_a_node_leaves_it(tmp_path, fast_init):
         for key in ("enc-key", "mask-key", "seed"):
             assert held[key] not in sent
     # The session ends on every node that answered unmask: nothing left to ask for twice.
-    assert all(secagg_node.SECRETS not in state for state in grid.states.values())
+    assert not [key for state in grid.states.values() for key in state if key.startswith(secagg_node.SECRETS)]
 
 
 def test_a_node_answers_unmask_once(tmp_path, fast_init):
@@ -394,7 +567,7 @@ def test_a_node_refuses_a_threshold_of_half_or_less(tmp_path):
     context = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(ProtocolError, match="threshold 2 for 4 nodes, expected 3..4"):
         secagg_node.setup(RecordDict({RECORD: record}), context)
-    assert secagg_node.SECRETS not in context.state
+    assert not list(context.state)
 
 
 def test_nodes_add_their_share_of_the_dp_noise(tmp_path):

@@ -27,9 +27,8 @@ VALUES = st.one_of(SCALARS, LISTS)
 
 
 def attempt() -> SecureAttempt:
-    made = SecureAttempt(grid=None, exchange=None, names={n: str(n) for n in NODES}, round_timeout=5.0)
-    made.out.announced = announcement(NODES, 1, 100, 1.0, 1.0, 10, 1, 0.0)
-    return made
+    return SecureAttempt(grid=None, exchange=None, names={n: str(n) for n in NODES}, round_timeout=5.0,
+                         announced=announcement(NODES, 1, 100, 1.0, 1.0, 10, 1, 0.0))
 
 
 def valid_replies(session: str) -> dict[str, dict]:

@@ -1,6 +1,7 @@
 """Secure aggregation through real Flower processes: `fedtune local up --profile tiny` with
 privacy.secure-aggregation=true completes, each protocol stage a ClientApp process of its own and
-the node's secrets kept in the SuperNode's context state between them."""
+the node's secrets kept in the SuperNode's context state between them; a round's key stages run
+during the previous round's train."""
 
 import json
 import os
@@ -22,6 +23,8 @@ def test_a_secure_run_completes(tmp_path):
     rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((run / "summary.json").read_text())
     assert [r["status"] for r in rounds] == ["aggregated"] * ROUNDS, rounds
+    # Round 2's setup and share-keys ran while round 1 trained, each node's sessions apart in its context state.
+    assert [r["secagg_prepared"] for r in rounds] == [False] + [True] * (ROUNDS - 1)
     for record in rounds:
         assert len(record["clients"]) == 3 and record["failed"] == [], record["failed"]  # secure aggregation samples at least 3
         assert record["secagg_bytes_masked"] == 3 * 2 * (summary["adapter_parameters"] + ring.WEIGHT_DIGITS)

@@ -4,11 +4,24 @@ weaker threshold). Each stage is one message, handled in a fresh ClientApp proce
 keeps between them, its two secret keys, its mask seed and the announced session, is written
 once, at setup, into the run's context state, which Flower keeps on the SuperNode
 (flwr/supernode/servicer/runtime/runtime_handlers.py: pulled with the task, pushed back when the
-task ends) and never sends to the SuperLink. Later stages only read it: Flower pushes a
-ClientApp's context after its reply, so the next stage's process may start before that write
-lands; what they need besides (public keys, the encrypted shares) comes back in the ServerApp's
-messages. The secrets never leave the node except as Shamir shares, each encrypted for the one
-node that holds it (this node's own included, so that it need not keep them).
+task ends) and never sends to the SuperLink. Later stages only read it (unmask then erases its
+own session): Flower pushes a ClientApp's context after its reply, so the next stage's process
+may start before that write lands; what they need besides (public keys, the encrypted shares)
+comes back in the ServerApp's messages. The secrets never leave the node except as Shamir
+shares, each encrypted for the one node that holds it (this node's own included, so that it need
+not keep them).
+
+Sessions are kept apart, under state keys named by the session id: the ServerApp runs round r+1's
+setup and share-keys while round r trains (app/privacy/secagg_server.py), so a node sampled in
+both holds two sessions and answers setup(r+1), one message at a time, before unmask(r). Each
+stage finds its session by the id its message carries. Setup drops the sessions of rounds before
+the previous one (never unmasked: a dropped attempt, a discarded preparation, an erasure whose
+write was lost), so the state holds a few sessions at most. Every ClientApp process pushes the
+whole state back after its reply: one that started before setup's write landed would push the
+state without the new session. The SuperNode starts the next process only after pulling its
+message from the SuperLink (a round trip and a process start, against the one local call that
+pushes the context right after the reply); if it ever happened, the node would miss that
+session and drop out of its round, which the protocol recovers from.
 
 Stages: setup (two fresh key pairs and a mask seed b; the public keys and a hash of b go up),
 share-keys (shares of b and of the mask key, encrypted pairwise with Fernet, flwr's AEAD), the
@@ -39,7 +52,7 @@ from app.privacy.secagg_records import (
     content_of, encode_public_key, masked_array, node_ids, public_key,
 )
 
-ANNOUNCED, SECRETS = "secagg-announced", "secagg-secrets"
+ANNOUNCED, SECRETS = "secagg-announced:", "secagg-secrets:"  # state key prefixes, + the session id
 KEY_BYTES = 32
 
 
@@ -57,12 +70,9 @@ def _raw(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _session(context: Context, session: str) -> tuple[Announcement, ConfigRecord]:
-    if ANNOUNCED not in context.state or SECRETS not in context.state:
-        raise ProtocolError("no secure-aggregation session on this node (its state was lost, or the session ended)")
-    announced = Announcement.parse(context.state[ANNOUNCED])
-    if announced.session != session:
-        raise ProtocolError(f"session {session[:64]!r} is not this node's current one")
-    return announced, context.state[SECRETS]
+    if ANNOUNCED + session not in context.state or SECRETS + session not in context.state:
+        raise ProtocolError(f"no secure-aggregation session {session[:64]!r} on this node (its state was lost, or the session ended)")
+    return Announcement.parse(context.state[ANNOUNCED + session]), context.state[SECRETS + session]
 
 
 def setup(content: RecordDict, context: Context) -> RecordDict:
@@ -70,9 +80,13 @@ def setup(content: RecordDict, context: Context) -> RecordDict:
     announced = Announcement.parse(content.get(RECORD))
     if context.node_id not in announced.nodes:
         raise ProtocolError(f"this node ({context.node_id}) is not among the session's nodes")
+    # Sessions of rounds before the previous one are dead; the previous round's may still be unmasked.
+    for session in [k.removeprefix(ANNOUNCED) for k in context.state if k.startswith(ANNOUNCED)]:
+        if Announcement.parse(context.state[ANNOUNCED + session]).server_round < announced.server_round - 1:
+            del context.state[ANNOUNCED + session], context.state[SECRETS + session]
     enc_key, mask_key, seed = ec.generate_private_key(CURVE), ec.generate_private_key(CURVE), secrets.token_bytes(ring.SEED_BYTES)
-    context.state[ANNOUNCED] = announced.record()
-    context.state[SECRETS] = ConfigRecord({"enc-key": _raw(enc_key), "mask-key": _raw(mask_key), "seed": seed})
+    context.state[ANNOUNCED + announced.session] = announced.record()
+    context.state[SECRETS + announced.session] = ConfigRecord({"enc-key": _raw(enc_key), "mask-key": _raw(mask_key), "seed": seed})
     return RecordDict({RECORD: ConfigRecord({"session": announced.session, "pk_c": encode_public_key(enc_key.public_key()),
                                              "pk_s": encode_public_key(mask_key.public_key()),
                                              "b_hash": hashlib.sha256(seed).digest()})})
@@ -163,5 +177,5 @@ def unmask(content: RecordDict, context: Context) -> RecordDict:
         if (src, dst) == (sender, context.node_id) and len(seed_share) == len(key_share) == SHARE_BYTES:
             out.append((sender, seed_share if sender in survivors else key_share))
     # Written back only when this process ends (flwr pushes a ClientApp's context after its reply).
-    del context.state[ANNOUNCED], context.state[SECRETS]
+    del context.state[ANNOUNCED + announced.session], context.state[SECRETS + announced.session]
     return RecordDict({RECORD: ConfigRecord({"session": announced.session, "nodes": [str(n) for n, _ in out], "shares": [s for _, s in out]})})

@@ -8,6 +8,7 @@ are uint64, a ConfigRecord int is int64).
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -67,8 +68,9 @@ class Announcement:
 
     def check(self) -> None:
         n = len(self.nodes)
-        if not 0 < len(self.session) <= MAX_SESSION_CHARS:
-            raise ProtocolError(f"session id of {len(self.session)} characters, expected 1..{MAX_SESSION_CHARS}")
+        # Hex: a node names its state's keys after it (app/privacy/secagg_node.py).
+        if not 0 < len(self.session) <= MAX_SESSION_CHARS or self.session.strip(string.hexdigits):
+            raise ProtocolError(f"session id of {len(self.session)} characters, expected 1..{MAX_SESSION_CHARS} hex digits")
         if not 2 <= n <= ring.MAX_ROUND_NODES or len(set(self.nodes)) != n:
             raise ProtocolError(f"nodes: {n} (distinct: {len(set(self.nodes))}), expected 2..{ring.MAX_ROUND_NODES} distinct")
         # More than half: no two disjoint groups of nodes can each hand the ServerApp enough

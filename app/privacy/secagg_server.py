@@ -11,14 +11,26 @@ public mask key each node sent at setup (a wrong share fails that check: other s
 shares are tried); the unmasked sum against what the survivors' clipped, weighted updates can
 reach (their total weight x the norm bound, plus the grid's rounding and the DP noise), and the
 total weight against the replies' example counts. A refused sum refuses the round's aggregate.
+
+Setup and share-keys need no update: while round r's masked updates are out, the ServerApp runs
+round r+1's (`Prepared`, a thread; the two threads take turns on the grid) for the sample
+configure_round will draw, so round r+1 starts at train. Their bytes count in round r+1's (those
+of a preparation left unused too), their failures among its failed nodes. A SuperNode handles one message at a time, so
+a node sampled in both rounds answers setup(r+1) only once it has replied to train(r) (and may
+answer unmask(r) before share-keys(r+1)): until round r+1 starts, a prepared stage waits up to
+round r's timeout longer than an inline one; from then on, a stage's seconds, as inline. Round
+r+1 runs its key stages inline when the prepared ones are unusable: another sample (the online
+nodes changed), fewer nodes than the threshold through share-keys, an error; so does every retry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +65,8 @@ NOISE_TAILS = 6.0
 MAX_SHARE_SUBSETS = 64
 
 Exchange = Callable[..., tuple[list[Message], float, dict[str, float], str | None]]
+GiveUp = Callable[[float], str | None]  # given when a stage began (monotonic s): why it stops waiting now, or None
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +88,12 @@ class Attempt:
     announced: Announcement | None = None
     problem: str | None = None
     seconds: dict = field(default_factory=dict)  # per stage, and the ServerApp's unmasking
+    hidden: float | None = None  # of setup and share-keys, the seconds that ran during the previous round (None: inline)
+
+    def add_traffic(self, other: Attempt) -> None:
+        """Count `other`'s bytes in this attempt's (a prepared session that went unused moved them too)."""
+        for key in ("bytes_down", "bytes_up", "bytes_keys", "bytes_shares"):
+            setattr(self, key, getattr(self, key) + getattr(other, key))
 
 
 def announcement(nodes: list[int], server_round: int, parameters: int, norm_bound: float, grid_bound: float,
@@ -104,27 +124,44 @@ def payload_bytes(content: object, keys: bool) -> int:
 
 
 class SecureAttempt:
-    """Runs one attempt's four stages over `grid` with `exchange` (app/server_app.py's)."""
+    """One attempt's four stages over `grid` with `exchange` (app/server_app.py's): `keys` (setup,
+    share-keys), then `finish` (the masked train, unmask)."""
 
-    def __init__(self, grid: Any, exchange: Exchange, names: Mapping[int, str], round_timeout: float) -> None:
+    def __init__(self, grid: Any, exchange: Exchange, names: Mapping[int, str], round_timeout: float, announced: Announcement) -> None:
         self.grid, self.exchange, self.names, self.round_timeout = grid, exchange, names, round_timeout
-        self.out = Attempt()
+        self.stage_seconds = min(STAGE_SECONDS, round_timeout)
+        self.out = Attempt(announced=announced)
+        self.keys_by_node: dict[int, tuple[bytes, bytes, bytes]] = {}
+        self.sent_shares: dict[int, dict[int, bytes]] = {}
 
-    def run(self, train_messages: list[Message], announced: Announcement, check: Callable[[RecordDict], dict[str, float]]) -> Attempt:
-        """`train_messages` are the round's (one per sampled node); `check` returns a masked
-        reply's metrics or raises ReplyRejected."""
-        self.out.announced = a = announced
-        keys = self._stage(SETUP, "setup", {n: a.record() for n in a.nodes}, self._read_keys)
+    def keys(self, busy: float = 0.0, give_up: GiveUp | None = None) -> bool:
+        """Setup and share-keys; False (out.problem says why) when fewer nodes than the threshold got
+        through. `busy`: how long a node may still be training the previous round before it takes
+        setup; `give_up` may end a stage's wait sooner."""
+        a, stage = self.out.announced, self.stage_seconds
+        keys = self._stage(SETUP, "setup", {n: a.record() for n in a.nodes}, self._read_keys, stage + busy, give_up)
         if len(keys) < a.threshold:
-            return self._stop(f"{len(keys)} node(s) answered setup, the threshold is {a.threshold}")
+            self._stop(f"{len(keys)} node(s) answered setup, the threshold is {a.threshold}")
+            return False
         forwarded = ConfigRecord({"session": a.session, "nodes": [str(n) for n in keys], "pk_c": [k[0] for k in keys.values()],
                                   "pk_s": [k[1] for k in keys.values()]})
-        sent_shares = self._stage(SHARE_KEYS, "share-keys", {n: forwarded for n in keys}, lambda n, c: self._read_shares(c, set(keys)))
+        # A node that answered setup is past the previous round's train: at most its unmask (a stage) is ahead.
+        sent_shares = self._stage(SHARE_KEYS, "share-keys", {n: forwarded for n in keys}, lambda n, c: self._read_shares(c, set(keys)),
+                                  stage + (stage if busy else 0.0), give_up)
         if len(sent_shares) < a.threshold:
-            return self._stop(f"{len(sent_shares)} node(s) sent their shares, the threshold is {a.threshold}")
+            self._stop(f"{len(sent_shares)} node(s) sent their shares, the threshold is {a.threshold}")
+            return False
+        self.keys_by_node, self.sent_shares = keys, sent_shares
+        return True
+
+    def finish(self, train_messages: list[Message], check: Callable[[RecordDict], dict[str, float]], pushed: Callable[[], None] | None = None) -> Attempt:
+        """The masked train and unmask, after `keys`. `train_messages` are the round's (one per
+        sampled node); `check` returns a masked reply's metrics or raises ReplyRejected; `pushed`
+        is called once the train messages are out."""
+        a, keys, sent_shares = self.out.announced, self.keys_by_node, self.sent_shares
         holders = sorted(sent_shares)  # the nodes whose shares went out: each masks with all of them
         masked = self._train(train_messages, ConfigRecord({"session": a.session, "nodes": [str(n) for n in holders],
-                                                           "pk_s": [keys[n][1] for n in holders]}), check)
+                                                           "pk_s": [keys[n][1] for n in holders]}), check, pushed)
         if len(masked) < a.min_nodes:
             return self._stop(f"{len(masked)} masked input(s), at least {a.min_nodes} are needed to unmask the sum")
         dropped = [n for n in holders if n not in masked]
@@ -132,7 +169,7 @@ class SecureAttempt:
                                  "nodes": [str(h) for h in holders],
                                  "pk_c": [keys[h][0] for h in holders], "ciphertexts": [sent_shares[h][n] for h in holders]})
                 for n in masked}
-        shares = self._stage(UNMASK, "unmask", asks, lambda n, c: self._read_unmask(c, set(holders)))
+        shares = self._stage(UNMASK, "unmask", asks, lambda n, c: self._read_unmask(c, set(holders)), self.stage_seconds)
         started = time.perf_counter()
         try:
             self._unmask(masked, dropped, shares, keys)
@@ -150,11 +187,12 @@ class SecureAttempt:
     def _fail(self, node: int, stage: str, reason: str) -> None:
         self.out.failed.append({"node_id": node, "node": self.names[node], "reason": f"secure aggregation {stage}: {reason}"})
 
-    def _stage(self, message_type: str, stage: str, records: Mapping[int, ConfigRecord], read: Callable[[int, RecordDict], Any]) -> dict[int, Any]:
+    def _stage(self, message_type: str, stage: str, records: Mapping[int, ConfigRecord], read: Callable[[int, RecordDict], Any],
+               timeout: float, give_up: GiveUp | None = None) -> dict[int, Any]:
         messages = [Message(RecordDict({RECORD: r}), message_type=message_type, dst_node_id=n) for n, r in records.items()]
-        timeout = min(STAGE_SECONDS, self.round_timeout)
-        started = time.perf_counter()
-        replies, _, _, problem = self.exchange(self.grid, messages, timeout)
+        started, since = time.perf_counter(), time.monotonic()
+        replies, _, _, problem = self.exchange(self.grid, messages, timeout, enough=give_up and (lambda _: give_up(since) is not None))
+        problem = problem or (give_up and give_up(since))
         self.out.seconds[stage] = time.perf_counter() - started
         self._count_down(messages)
         got = {}
@@ -220,7 +258,7 @@ class SecureAttempt:
         if fields["session"] != self.out.announced.session:
             raise ProtocolError(f"session {fields['session'][:64]!r}, expected this attempt's")
 
-    def _train(self, messages: list[Message], peers: ConfigRecord, check) -> dict[int, np.ndarray]:
+    def _train(self, messages: list[Message], peers: ConfigRecord, check, pushed: Callable[[], None] | None) -> dict[int, np.ndarray]:
         """Push the train messages, with the `peers` to mask with, to those of them; the masked
         inputs that pass the checks, by node."""
         count = self.out.announced.parameters + ring.WEIGHT_DIGITS
@@ -229,7 +267,7 @@ class SecureAttempt:
         chosen = [Message(content=RecordDict({**dict(m.content.items()), RECORD: peers}), message_type=m.metadata.message_type,
                           dst_node_id=m.metadata.dst_node_id) for m in messages if m.metadata.dst_node_id in holders]
         started = time.perf_counter()
-        replies, self.out.sent, self.out.arrived, problem = self.exchange(self.grid, chosen, self.round_timeout)
+        replies, self.out.sent, self.out.arrived, problem = self.exchange(self.grid, chosen, self.round_timeout, pushed=pushed)
         self.out.seconds["train"] = time.perf_counter() - started
         self._count_down(chosen)
         masked = {}
@@ -279,6 +317,47 @@ class SecureAttempt:
             raise ProtocolError("the unmasked weight digits are out of range: a node sent an out-of-range input")
         self.out.total_weight = ring.digits_total(digit_sums)
         self.out.total = ring.dequantize_sum(total[: a.parameters], a.value_range, a.grid_levels) * a.max_weight
+
+
+class Prepared:
+    """A round's key stages, run in a thread while the previous round trains."""
+
+    def __init__(self, attempt: SecureAttempt, busy: float) -> None:
+        self.attempt, self.usable = attempt, False
+        self.round = attempt.out.announced.server_round
+        self._other_sample, self._round_started = False, math.inf  # set by `take`, read by the thread
+        self._thread = threading.Thread(target=self._run, args=(busy,), name=f"secagg-prepare-{self.round}", daemon=True)
+        self._thread.start()
+
+    def _run(self, busy: float) -> None:
+        try:
+            self.usable = self.attempt.keys(busy, self._give_up)
+        except Exception as exc:  # noqa: BLE001 - the round then runs its key stages inline
+            self.attempt.out.problem = f"{type(exc).__name__}: {exc}"
+            log.exception("secure aggregation: preparing round %d failed", self.round)
+
+    def _give_up(self, since: float) -> str | None:
+        """Once its round has started, a stage waits as an inline one would: no node has the
+        previous round's work left."""
+        if self._other_sample:
+            return "the round drew another sample"
+        if time.monotonic() > max(since, self._round_started) + self.attempt.stage_seconds:
+            return f"no reply within {self.attempt.stage_seconds:g} s of round {self.round}'s start"
+        return None
+
+    def take(self, nodes: list[int]) -> SecureAttempt | None:
+        """The prepared attempt for the round's sample `nodes`, once its key stages are done; None
+        (the reason logged) when it is another sample's (stopped at once) or unusable."""
+        self._other_sample = sorted(nodes) != list(self.attempt.out.announced.nodes)
+        self._round_started = started = time.monotonic()
+        self._thread.join()
+        if self._other_sample or not self.usable:
+            why = "the online nodes changed, so did the sample" if self._other_sample else self.attempt.out.problem
+            log.warning("round %d: the prepared key stages are not used (%s): they run again", self.round, why)
+            return None
+        out = self.attempt.out
+        out.hidden = max(0.0, out.seconds["setup"] + out.seconds["share-keys"] - (time.monotonic() - started))
+        return self.attempt
 
 
 def _public_of(raw: bytes) -> bytes | None:
