@@ -251,25 +251,44 @@ def test_a_supernode_of_a_device_trainer_starts_no_trainer_and_passes_its_token(
 
 class _RecordingWorker:
     def __init__(self):
-        self.releases = []
+        self.calls = []
 
     def train(self, request, tensors, release_memory=True):
-        self.releases.append(release_memory)
-        return {}, {}
+        self.calls.append(("train", release_memory))
+        return {}, {"train-loss": 1.0}
+
+    def release_memory(self):
+        self.calls.append(("release", None))
 
 
-def test_the_trainer_keeps_its_cached_gpu_memory_only_while_another_request_waits(tmp_path):
+def test_the_trainer_gives_its_cached_gpu_memory_back_after_replying_and_only_when_nobody_waits(tmp_path):
     """Giving the activations' memory back after every client and allocating it again for the
-    next was part of a device round's gaps; with nobody waiting it is given back as before."""
+    next was part of a device round's gaps, and releasing before the reply delayed the round's
+    last update: a trainer releases after its reply, when no request is queued."""
     server = TrainerServer(tmp_path / "t.sock", "device")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
     server._worker = worker = _RecordingWorker()
     header = {"op": "train", "run_config": RUN_CONFIG, "node": vars(NodeData(0, PARTITIONS)), "server_round": 1, "lr": 5e-5, "proximal_mu": 1.0}
-    server._queue.extend([object(), object()])  # this request running, one more waiting
-    server._dispatch(header, {})
-    server._queue.popleft()  # now it is the last
-    server._dispatch(header, {})
+    blocker = object()
+    with server._turns:
+        server._queue.append(blocker)  # a request running: the next one waits behind it
+    replies = []
+    client = threading.Thread(target=lambda: replies.append(call_trainer(str(server.path), header, None, 5.0, 60.0)))
+    client.start()
+    time.sleep(0.5)
+    server._leave_queue(blocker)
+    client.join(timeout=10)
+    deadline = time.monotonic() + 5
+    while len(worker.calls) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     server.stop()
-    assert worker.releases == [False, True]
+    assert replies and replies[0][0]["metrics"] == {"train-loss": 1.0}
+    assert worker.calls == [("train", False), ("release", None)]
+    with server._turns:
+        server._queue.append(blocker)
+    server._release_when_idle()  # a request in the queue: its training reuses the memory
+    assert worker.calls == [("train", False), ("release", None)]
 
 
 def test_a_request_s_turn_brackets_its_training_and_memory_is_released_only_when_asked(monkeypatch):

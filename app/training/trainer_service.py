@@ -199,6 +199,22 @@ class TrainerServer:
             send_message(conn, reply, reply_tensors)
         except OSError as exc:
             log.warning("could not reply to the ClientApp: %s", exc)
+        if header.get("op") == "train":
+            self._release_when_idle()
+
+    def _release_when_idle(self) -> None:
+        """Give the round's cached GPU memory back once nobody waits (in a turn of its own, after
+        the reply went out: not on the round's critical path). A request that is already queued
+        trains in the same memory instead of allocating it again."""
+        with self._turns:
+            if self._queue or self._worker is None:
+                return
+            ticket = object()
+            self._queue.append(ticket)
+        try:
+            self._worker.release_memory()
+        finally:
+            self._leave_queue(ticket)
 
     def _answer(self, conn: socket.socket, header: dict[str, Any], tensors: dict):
         if header.get("op") == "ping":
@@ -305,9 +321,7 @@ class TrainerServer:
                 lr=header["lr"],
                 proximal_mu=header["proximal_mu"],
             )
-            # The next request in the queue is this process's too: its training reuses the
-            # cached activation memory instead of giving it back and allocating it again.
-            adapter, metrics = self._worker.train(request, tensors, release_memory=len(self._queue) <= 1)
+            adapter, metrics = self._worker.train(request, tensors, release_memory=False)  # _release_when_idle
             return {"metrics": metrics}, adapter
         raise ValueError(f"unknown trainer op {header['op']!r}")
 

@@ -111,8 +111,8 @@ class RoundWorker:
         return _to_numpy(adapter_state(self._ensure_model(settings)))
 
     def train(self, request: TrainRequest, global_adapter: dict[str, np.ndarray], release_memory: bool = True) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        """One client round. `release_memory=False` keeps the activations' cached GPU memory for
-        the next request of this process (a device trainer with more clients waiting)."""
+        """One client round. `release_memory=False` keeps the activations' cached GPU memory: a
+        resident trainer gives it back itself (`release_memory()`), after its reply is sent."""
         import torch
 
         from app.training.data import round_batches
@@ -163,6 +163,10 @@ class RoundWorker:
             _release_cached_memory()
         metrics["t-turn-end"] = time.time()
         return adapter, metrics
+
+
+    def release_memory(self) -> None:
+        _release_cached_memory()
 
 
 def _release_cached_memory() -> None:
