@@ -38,7 +38,7 @@ def gpu_inputs(work: Path) -> tuple[list[str], str]:
     from bench_client_round import build_random_llama, write_long_flashcards
 
     work.mkdir(parents=True, exist_ok=True)
-    model, data = work / "llama3-8b-random", work / "flashcards-512.jsonl"
+    model, data = work / "llama-3-8b-random", work / "flashcards-512.jsonl"
     if not model.exists():
         build_random_llama(model)
     if not data.exists():
