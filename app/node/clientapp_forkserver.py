@@ -70,6 +70,19 @@ def enabled(environ) -> bool:
     return environ.get(FORKSERVER_ENV, "").strip().lower() not in ("0", "false", "no", "off")
 
 
+# What flwr 1.42's SuperNode process sets in its own environment while it imports (its ClientApps
+# inherit it): flwr.supercore.grpc sets GRPC_VERBOSITY unless set, the browser-use connector
+# BROWSER_USE_SETUP_LOGGING whatever it was. A request must bring the fork server's environment.
+_FLWR_SETS_UNLESS_SET = {"GRPC_VERBOSITY": "error"}
+_FLWR_SETS = {"BROWSER_USE_SETUP_LOGGING": "false"}
+
+
+def supernode_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` with what flwr's SuperNode would set in it at import already set: the one environment
+    for the SuperNode (whose settings are then no-ops), hence its shims, and the fork server."""
+    return {**_FLWR_SETS_UNLESS_SET, **env, **_FLWR_SETS}
+
+
 # --- the shim's side: standard library only, it runs at every ClientApp start ---------------
 
 
@@ -101,7 +114,8 @@ def run_shim(socket_path: str) -> int | None:
             conn.settimeout(FIRST_REPLY_SECONDS)
             message = _LEN.pack(len(body)) + body
             sent = socket.send_fds(conn, [message], [fd for fd, is_open in zip((0, 1, 2), stdio) if is_open] + [cwd])
-            conn.sendall(message[sent:])
+            if sent < len(message):  # not an empty send: after a quick refusal it would fail (EPIPE) and hide it
+                conn.sendall(message[sent:])
         finally:
             os.close(cwd)
         state["conn"] = conn
@@ -798,7 +812,16 @@ def serve(socket_path: str, target, modules=PRELOAD) -> int:
     except OSError as exc:
         _say(f"cannot listen on {socket_path}: {exc}")
         return 2
-    return server.serve_forever()
+    code = server.serve_forever()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    # Not the interpreter's finalization: it restores the default signal handlers first, and a
+    # second SIGTERM then (the launcher signals a node's group and then each of its processes)
+    # would end the process by the signal, which its keeper takes for a death.
+    os._exit(code)
 
 
 def serve_gated(socket_path: str, site_listed: set[str], own_hash_cache: str) -> int:
@@ -817,7 +840,8 @@ def serve_gated(socket_path: str, site_listed: set[str], own_hash_cache: str) ->
 
 class ForkServerKeeper:
     """Runs the fork server beside the SuperNode (dying with the wrapper) and restarts it when it
-    exits, at most once per RESTART_RETRY_SECONDS; meanwhile the shims start ClientApps themselves."""
+    dies, at once and then at most once per RESTART_RETRY_SECONDS; meanwhile the shims start
+    ClientApps themselves. One that stopped (SIGTERM: exit 0) or cannot serve here (2, 3) stays down."""
 
     def __init__(self, command: list[str], env: dict[str, str]) -> None:
         import time
@@ -846,6 +870,9 @@ class ForkServerKeeper:
         import time
 
         if self.proc is not None and self.proc.poll() is None:
+            return
+        if self.proc is not None and self.proc.returncode == 0:  # stopped by a SIGTERM: the node is stopping
+            self.proc, self.next_start = None, float("inf")
             return
         if self.proc is not None and self.proc.returncode in (2, 3):  # it cannot serve here (its socket, threads): it said why
             _wrapper_says("ClientApps start in their own process (no ClientApp fork server)")

@@ -455,7 +455,7 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None, token_
     # `--gpus` ids are nvidia-smi's indices (what the launcher's memory plan reads): make CUDA
     # number the GPUs the same way rather than fastest-first.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
-    from app.node.clientapp_forkserver import ForkServerKeeper
+    from app.node.clientapp_forkserver import ForkServerKeeper, supernode_environment
     from app.node.clientapp_forkserver import enabled as forkserver_enabled
     from app.node.fab_allowlist import TaskCommandGate, superexec_elsewhere
     from app.node.flwr_patches import PatchRefused, supernode_command
@@ -488,7 +488,8 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None, token_
             from app.training.node_tokens import TOKEN_ENV
 
             env[TOKEN_ENV] = os.path.abspath(token_file)
-        if gate.forkserver_command is not None:  # the SuperNode's environment: its ClientApps get the same
+        if gate.forkserver_command is not None:  # one environment for the SuperNode, its shims and the fork server
+            env = supernode_environment(env)
             forkserver = ForkServerKeeper(gate.forkserver_command, env)
         # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
         child = subprocess.Popen([*command, *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
