@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.node.clientapp_forkserver import serve  # noqa: E402
+from app.node.clientapp_forkserver import PRELOAD, serve  # noqa: E402
 
 
 def standin(process_start_ticks: int | None = None) -> None:
@@ -59,4 +59,5 @@ def standin(process_start_ticks: int | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1], standin))
+    # numpy.random too (numpy loads it lazily, the production preload does not): the children reseed it
+    sys.exit(serve(sys.argv[1], standin, (*PRELOAD, "numpy.random")))

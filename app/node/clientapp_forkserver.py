@@ -680,8 +680,8 @@ class ForkServer:
         sys.argv = list(request["argv"])
         sys.path[:] = self.start_path
         _fresh_streams()
-        if "numpy" in sys.modules:
-            sys.modules["numpy"].random.seed()  # as a fresh process's global RNG: from OS entropy
+        if "numpy.random" in sys.modules:  # numpy loads it lazily: only if something preloaded did
+            sys.modules["numpy.random"].seed()  # as a fresh process's global RNG: from OS entropy
         _restore_blas_threads()
         name = os.path.basename(sys.argv[0]).encode()[:15]
         if name:
