@@ -133,6 +133,14 @@ def test_a_child_that_dies_of_a_signal_takes_its_shim_along(node, tmp_path):
     assert "KeyboardInterrupt" in err
 
 
+def test_a_child_killed_outright_takes_its_shim_along(node, tmp_path):
+    """SIGKILL (the OOM killer's): the shim dies of it too, as the ClientApp process would have."""
+    shim, child = _waiting_shim(node, tmp_path)
+    os.kill(child, signal.SIGKILL)
+    shim.communicate(timeout=60)
+    assert shim.returncode == -signal.SIGKILL
+
+
 def test_sigkill_of_the_shim_kills_the_child(node, tmp_path):
     shim, child = _waiting_shim(node, tmp_path)
     shim.kill()

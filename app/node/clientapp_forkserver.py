@@ -144,9 +144,11 @@ def run_shim(socket_path: str) -> int | None:
     conn.close()
     if status is not None and status[0] == "signal":
         signum = int(status[1])
-        for forwarded in FORWARDED_SIGNALS:
-            signal.signal(forwarded, signal.SIG_DFL)
-        signal.signal(signum, signal.SIG_DFL)
+        for handled in {*FORWARDED_SIGNALS, signum}:
+            try:
+                signal.signal(handled, signal.SIG_DFL)
+            except (OSError, ValueError):  # SIGKILL, SIGSTOP: no handler to reset
+                pass
         os.kill(os.getpid(), signum)  # die of what the ClientApp died of
         return 128 + signum
     if status is not None and status[0] == "exit":
@@ -643,7 +645,10 @@ class ForkServer:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != self.pid:
             os._exit(1)  # the fork server died already
-        os.setpgid(0, 0)  # signals reach it through its shim only, once
+        try:
+            os.setpgid(0, 0)  # signals reach it through its shim only, once
+        except OSError:
+            pass  # the fork server's setpgid(pid, pid) came first
         # Nothing of the fork server's stays open in the ClientApp: its socket, its loop, the
         # other shims' connections and descriptors (a shim waits for EOF on them).
         signal.set_wakeup_fd(-1)
