@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
-from app.node.clientapp_forkserver import PROCESS_START_TICKS_ENV
+from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
 from app.privacy import secagg_node
 from app.training.node_tokens import read_token
 from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout, trainer_id

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from waiting import wait_until
 
 from app.node import clientapp_forkserver as fs
+from app.node import clientapp_shim
 from app.node.fab_allowlist import CLIENTAPP_COMMAND, TaskCommandGate
 
 STANDIN = str(Path(__file__).with_name("forkserver_standin.py"))
@@ -92,7 +93,7 @@ def test_the_child_gets_the_shims_argv_env_cwd_stdio_umask_and_exit_code(node, t
     assert got["blas_threads"] == _fresh_blas_threads()
     assert got["open_fds"] == [0, 1, 2, 3]  # 3: the listing of /proc/self/fd itself
     # the fork server imported none of the app bundle's modules: flwr loads the bundle's own
-    assert set(got["app_modules"]) <= {"app", "app.node", "app.node.clientapp_forkserver", "app.node.flwr_patches",
+    assert set(got["app_modules"]) <= {"app", "app.node", "app.node.clientapp_forkserver", "app.node.clientapp_shim", "app.node.flwr_patches",
                                        "app.node.lifeline"}, got["app_modules"]
     assert "refused" not in node.log.read_text()
 
@@ -231,7 +232,7 @@ def _ask(path: Path, chunks: list[tuple[bytes, list[int]]], close_early: bool = 
             time.sleep(0.05)
         if close_early:
             return None
-        return fs._recv_frame(conn)
+        return clientapp_shim._recv_frame(conn)
     finally:
         conn.close()
 
@@ -276,7 +277,7 @@ def test_an_incomplete_request_is_dropped_after_its_time(node, monkeypatch):
     conn.connect(str(node.gate.forkserver_socket))
     conn.sendall(struct.pack("!I", 100))
     started = time.monotonic()
-    reply = fs._recv_frame(conn)
+    reply = clientapp_shim._recv_frame(conn)
     conn.close()
     assert reply and reply[0] == "refused" and "incomplete" in reply[1]
     assert fs.REQUEST_SECONDS - 1 < time.monotonic() - started < fs.REQUEST_SECONDS + 5
@@ -374,4 +375,4 @@ _ANY_TEXT = st.text(st.characters(exclude_categories=()))  # surrogates too: und
        st.integers(0, 0o777), st.lists(st.booleans(), min_size=3, max_size=3))
 def test_the_shims_request_is_json(argv, env, umask, stdio):
     """The shim encodes its request without the json module; the fork server reads it with it."""
-    assert json.loads(fs.encode_request(argv, env, umask, stdio)) == {"argv": argv, "env": env, "umask": umask, "stdio": stdio}
+    assert json.loads(clientapp_shim.encode_request(argv, env, umask, stdio)) == {"argv": argv, "env": env, "umask": umask, "stdio": stdio}

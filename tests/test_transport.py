@@ -78,7 +78,8 @@ def test_a_forked_clientapp_counts_from_its_shims_start(monkeypatch):
     """A ClientApp forked by the node's fork server (app/node/clientapp_forkserver.py) reports the
     start of the process flwr started, its shim, whose start ticks the fork server passes on."""
     import app.client_app as client_app
-    from app.node.clientapp_forkserver import PROCESS_START_TICKS_ENV, _start_ticks
+    from app.node.clientapp_forkserver import _start_ticks
+    from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
 
     own = client_app._process_start_time()
     monkeypatch.setenv(PROCESS_START_TICKS_ENV, str(_start_ticks(os.getpid()) - 100 * os.sysconf("SC_CLK_TCK")))

@@ -43,11 +43,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.node.clientapp_forkserver import SOCKET_NAME
 
 ALLOWED_FABS_ENV = "FEDTUNE_ALLOWED_FABS"  # the site's extra approved bundles: sha256 hex, space/comma-separated
 APP_ROOT = Path(__file__).resolve().parents[2]  # pyproject.toml and app/: what `flwr run` bundles
 CLIENTAPP_COMMAND = "flwr-clientapp"
+FORKSERVER_SCRIPT = "clientapp-forkserver"  # the ClientApp fork server's script and socket, beside
+SOCKET_NAME = "clientapp.sock"  # the shims in the gate's directory (not task commands)
 # Every other command flwr 1.42's SuperExec starts for a task (TaskType's values): each refused.
 REFUSED_TASK_COMMANDS = {
     "flwr-agentapp": "AgentApp",
@@ -100,7 +101,7 @@ def gated_clientapp(site_listed: set[str], own_hash_cache: Path, process_start_t
     """flwr's `flwr-clientapp`, with the bundle checked before it is installed: its SHA-256 must
     be this installation's own app or one the site listed. `process_start_ticks`: when this
     process is the fork server's child, its shim's start (the ClientApp's `t_process_start`)."""
-    from app.node.clientapp_forkserver import PROCESS_START_TICKS_ENV  # noqa: PLC0415 - beside its twin below
+    from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
     from app.node.flwr_patches import import_clientapp_command
 
     os.environ.pop(PROCESS_START_TICKS_ENV, None)  # only ever this process's own shim's
@@ -201,9 +202,6 @@ def _article(kind: str) -> str:
     return ("an " if kind[0].lower() in "aeiou" else "a ") + kind
 
 
-FORKSERVER_SCRIPT = "clientapp-forkserver"  # in the gate's directory: not a task command
-
-
 def clientapp_shim(listed: list[str], own_hash_cache: Path, forkserver_socket: Path | None) -> str:
     """The text of the `flwr-clientapp` shim: the gated ClientApp, started by the fork server
     listening at `forkserver_socket` when it can, else in the shim's own process."""
@@ -214,7 +212,7 @@ def clientapp_shim(listed: list[str], own_hash_cache: Path, forkserver_socket: P
                 + "from pathlib import Path\nfrom app.node.fab_allowlist import gated_clientapp\n" + gated)
     return (_shim_header("flwr-clientapp with the site's bundle allowlist, started warm by the node's ClientApp "
                          "fork server (app/node/clientapp_forkserver.py)") + prelude
-            + "from app.node.clientapp_forkserver import run_shim\n"
+            + "from app.node.clientapp_shim import run_shim\n"
             + f"code = run_shim({str(forkserver_socket)!r})\n"
             + "if code is not None:\n    sys.exit(code)\n"
             + "# the fork server is unreachable or refused: the gated ClientApp in this process, as without one\n"
