@@ -23,10 +23,10 @@ imported all of that once, and the shim asks it for a ClientApp instead of impor
   `gated_clientapp` exactly as the shim runs it (the bundle's hash is checked before it is
   installed, in the child) and the interpreter's own exit steps (non-daemon threads joined,
   atexit handlers, streams flushed), then os._exit with the exit status.
-- The shim (app/node/clientapp_shim.py `run_shim`: a few standard modules, not even `json`) sends its request, learns the child's pid,
-  forwards SIGTERM/SIGINT/SIGHUP to it through the fork server (the child's parent, so the
-  signal cannot reach a reused pid), waits for the child's exit status and exits with it (or
-  dies of the same signal). The child never outlives its shim: when the shim's connection closes
+- The shim (app/node/clientapp_shim.py `run_shim`: a few standard modules, not even `json`)
+  sends its request, learns the child's pid, forwards SIGTERM/SIGINT/SIGHUP to it through the
+  fork server (the child's parent, so the signal cannot reach a reused pid), waits for the
+  child's exit status and exits with it (or dies of the same signal). The child never outlives its shim: when the shim's connection closes
   (the shim was killed, even by SIGKILL) the fork server kills the child's process group, and
   the child dies with the fork server (PR_SET_PDEATHSIG). The ClientApp's `t_process_start` stays
   the shim's process start (clientapp_shim.PROCESS_START_TICKS_ENV, read by app/client_app.py).
