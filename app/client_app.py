@@ -18,6 +18,7 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
+from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
 from app.privacy import secagg_node
 from app.training.node_tokens import read_token
 from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout, trainer_id
@@ -44,9 +45,12 @@ def _process_start_time() -> float:
     the kernel started it. The kernel counts the start in clock ticks since boot on the clock
     behind /proc/uptime (CLOCK_BOOTTIME, read here at full resolution); /proc/stat's btime, the
     other way to get there, is whole seconds and put nodes up to 1 s off (issue 24). psutil
-    (where /proc is missing) would add ~0.1-0.2 s to every ClientApp start-up (issue 16)."""
+    (where /proc is missing) would add ~0.1-0.2 s to every ClientApp start-up (issue 16).
+    A ClientApp forked by the node's fork server counts from its `flwr-clientapp` shim's start,
+    the process flwr started (app/node/clientapp_forkserver.py passes its start ticks)."""
     try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        shim = os.environ.get(PROCESS_START_TICKS_ENV, "")
+        ticks = int(shim) if shim else int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
         now, since_boot = time.time(), time.clock_gettime(time.CLOCK_BOOTTIME)
         # The count is truncated to whole ticks: the middle of the tick is the closest estimate.
         return now - (since_boot - (ticks + 0.5) / os.sysconf("SC_CLK_TCK"))

@@ -111,6 +111,22 @@ def test_final_adapter_loads_onto_tiny_base(finished_run):
     assert torch.isfinite(out).all()
 
 
+def test_clientapps_start_from_their_nodes_fork_servers(finished_run):
+    """Every SuperNode runs a ClientApp fork server (app/node/clientapp_forkserver.py) that serves
+    its shims: none refused (another environment, a bad request), and a shim started its ClientApp
+    itself only if it came before its fork server listened (20 of them importing at once on a busy host)."""
+    _, _, results, _ = finished_run
+    logs = sorted(results.glob(".local/*/logs/supernode-*.log"))
+    assert len(logs) == NODES
+    text = "".join(log.read_text(errors="replace") for log in logs)
+    started = text.count("Start `flwr-clientapp` process")  # by flwr, in every ClientApp (the sampled nodes')
+    assert started > 0
+    assert "refused a request" not in text and "fork server exited" not in text
+    fallbacks = [line for line in text.splitlines() if "ClientApp fork server unavailable" in line]
+    assert all("No such file or directory" in line or "Connection refused" in line for line in fallbacks), fallbacks
+    assert len(fallbacks) < started, fallbacks
+
+
 def test_no_process_left_behind(finished_run):
     _, _, results, _ = finished_run
     assert _our_processes(results) == []

@@ -129,6 +129,9 @@ def test_supernode_refuses_an_agent_run(tmp_path):
             assert time.monotonic() < deadline, node_log.read_text()
             time.sleep(1)
         assert not marker.exists()
+        # ... in a ClientApp its fork server started (app/node/clientapp_forkserver.py): a shim that
+        # had to start it itself would say so, a refused request would be in the fork server's log
+        assert "fork server unavailable" not in node_log.read_text() and "refused a request" not in node_log.read_text()
 
 
 # How flwr 1.42's SubprocessExecutor starts a task command: output to /dev/null for some types.
@@ -138,14 +141,15 @@ sys.exit(subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subpro
 """
 
 
-def test_every_task_command_a_superexec_starts_is_gated():
+@pytest.mark.parametrize("forkserver", [True, False])
+def test_every_task_command_a_superexec_starts_is_gated(forkserver):
     """Every task type of the installed flwr has its command in the gate, first on the node's PATH
-    (a type added by a future flwr fails here): `flwr-clientapp` with the bundle allowlist, every
-    other command refused, in the log of the SuperExec that started it, even when flwr sends the
-    task's own output to /dev/null."""
+    (a type added by a future flwr fails here): `flwr-clientapp` with the bundle allowlist (also
+    in its fallback when it asks the ClientApp fork server first), every other command refused,
+    in the log of the SuperExec that started it, even when flwr sends the task's own output to /dev/null."""
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
-    gate = TaskCommandGate.install()
+    gate = TaskCommandGate.install(forkserver=forkserver)
     try:
         for task_type in TaskType:
             command = TASK_TYPE_TO_COMMAND[task_type]
@@ -153,6 +157,7 @@ def test_every_task_command_a_superexec_starts_is_gated():
             assert found and Path(found).parent == gate.directory, f"{task_type!r}: {command} is not gated"
             if command == CLIENTAPP_COMMAND:
                 assert "gated_clientapp(" in Path(found).read_text()
+                assert ("run_shim(" in Path(found).read_text()) is forkserver
                 continue
             started = subprocess.run([sys.executable, "-c", SUPEREXEC_LIKE, command, "--runtime-api-address", "127.0.0.1:9",
                                       "--token", "t", "--insecure"], env={**os.environ, **gate.env},

@@ -124,7 +124,7 @@ def test_wrapper_restarts_a_dead_trainer(tmp_path):
     assert not socket_path.exists() and not _trainers(psutil.Process())
 
 
-def test_a_sigkilled_wrapper_takes_its_trainer_and_supernode_down(tmp_path):
+def test_a_sigkilled_wrapper_takes_its_trainer_fork_server_and_supernode_down(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fake = bin_dir / "flower-supernode"
@@ -134,8 +134,10 @@ def test_a_sigkilled_wrapper_takes_its_trainer_and_supernode_down(tmp_path):
     wrapper = subprocess.Popen([sys.executable, "-m", "app.cli", "supernode", "--trainer-socket", str(tmp_path / "t.sock"), "--", "--insecure"], env=env)
     children = []
     try:
-        _wait_for(lambda: len(psutil.Process(wrapper.pid).children()) == 2 and _trainers(psutil.Process(wrapper.pid)), 60)
+        # trainer, ClientApp fork server (app/node/clientapp_forkserver.py) and SuperNode
+        _wait_for(lambda: len(psutil.Process(wrapper.pid).children()) == 3 and _trainers(psutil.Process(wrapper.pid)), 60)
         children = psutil.Process(wrapper.pid).children()
+        assert any("clientapp-forkserver" in " ".join(p.cmdline()) for p in children)
         wrapper.kill()  # the OOM killer: the wrapper runs no cleanup
         wrapper.wait()
         _, alive = psutil.wait_procs(children, timeout=10)

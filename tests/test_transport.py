@@ -3,6 +3,7 @@ app.comm counts, `--flower-settings off` covers every launcher setting, and the 
 its start time without psutil."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,18 @@ def test_clientapp_process_start_time_without_psutil():
     # psutil adds the start ticks to /proc/stat's whole-second boot time, so it reads up to 1 s
     # early; ours comes from the boot clock (tests/test_clock_alignment.py checks it against the truth).
     assert -0.05 < client_app._process_start_time() - psutil.Process().create_time() < 1.05
+
+
+def test_a_forked_clientapp_counts_from_its_shims_start(monkeypatch):
+    """A ClientApp forked by the node's fork server (app/node/clientapp_forkserver.py) reports the
+    start of the process flwr started, its shim, whose start ticks the fork server passes on."""
+    import app.client_app as client_app
+    from app.node.clientapp_forkserver import _start_ticks
+    from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
+
+    own = client_app._process_start_time()
+    monkeypatch.setenv(PROCESS_START_TICKS_ENV, str(_start_ticks(os.getpid()) - 100 * os.sysconf("SC_CLK_TCK")))
+    assert abs(client_app._process_start_time() - (own - 100)) < 0.05  # a shim started 100 s before this process
 
 
 def test_follow_run_survives_database_locked(monkeypatch, tmp_path):

@@ -23,6 +23,12 @@ finishes the task as failed (the run's message gets an error reply), never fetch
 (tests/test_node_guards.py checks that every task type of the installed flwr has a command here).
 A SuperExec the node does not start itself (`--isolation process`) would start commands from its
 own PATH: `fedtune supernode` refuses that mode.
+
+The `flwr-clientapp` shim starts warm: it asks the node's ClientApp fork server (in the same
+private directory, app/node/clientapp_forkserver.py) for a child that has flwr's runtime imported
+already and runs `gated_clientapp` with this shim's argv, environment and stdio; the bundle check
+runs there, as here. When the fork server is unreachable or refuses, the shim says so and runs
+`gated_clientapp` itself. `FEDTUNE_CLIENTAPP_FORKSERVER=0` writes the shim without the fork server.
 """
 
 from __future__ import annotations
@@ -37,9 +43,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+
 ALLOWED_FABS_ENV = "FEDTUNE_ALLOWED_FABS"  # the site's extra approved bundles: sha256 hex, space/comma-separated
 APP_ROOT = Path(__file__).resolve().parents[2]  # pyproject.toml and app/: what `flwr run` bundles
 CLIENTAPP_COMMAND = "flwr-clientapp"
+FORKSERVER_SCRIPT = "clientapp-forkserver"  # the ClientApp fork server's script and socket, beside
+SOCKET_NAME = "clientapp.sock"  # the shims in the gate's directory (not task commands)
 # Every other command flwr 1.42's SuperExec starts for a task (TaskType's values): each refused.
 REFUSED_TASK_COMMANDS = {
     "flwr-agentapp": "AgentApp",
@@ -88,10 +97,16 @@ def _own_fab_sha256_cached(cache: Path) -> str:
     return digest
 
 
-def gated_clientapp(site_listed: set[str], own_hash_cache: Path) -> None:
+def gated_clientapp(site_listed: set[str], own_hash_cache: Path, process_start_ticks: int | None = None) -> None:
     """flwr's `flwr-clientapp`, with the bundle checked before it is installed: its SHA-256 must
-    be this installation's own app or one the site listed."""
+    be this installation's own app or one the site listed. `process_start_ticks`: when this
+    process is the fork server's child, its shim's start (the ClientApp's `t_process_start`)."""
+    from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
     from app.node.flwr_patches import import_clientapp_command
+
+    os.environ.pop(PROCESS_START_TICKS_ENV, None)  # only ever this process's own shim's
+    if process_start_ticks is not None:
+        os.environ[PROCESS_START_TICKS_ENV] = str(process_start_ticks)
 
     flwr_clientapp = import_clientapp_command()  # without the SuperNode's own imports (issue 16)
     from flwr.supernode.runtime import run_clientapp
@@ -187,34 +202,65 @@ def _article(kind: str) -> str:
     return ("an " if kind[0].lower() in "aeiou" else "a ") + kind
 
 
+def clientapp_shim(listed: list[str], own_hash_cache: Path, forkserver_socket: Path | None) -> str:
+    """The text of the `flwr-clientapp` shim: the gated ClientApp, started by the fork server
+    listening at `forkserver_socket` when it can, else in the shim's own process."""
+    gated = f"gated_clientapp(set({listed!r}), Path({str(own_hash_cache)!r}))\n"
+    prelude = f"import sys\nsys.path.insert(0, {str(APP_ROOT)!r})\n"
+    if forkserver_socket is None:
+        return (_shim_header("flwr-clientapp with the site's bundle allowlist") + prelude
+                + "from pathlib import Path\nfrom app.node.fab_allowlist import gated_clientapp\n" + gated)
+    return (_shim_header("flwr-clientapp with the site's bundle allowlist, started warm by the node's ClientApp "
+                         "fork server (app/node/clientapp_forkserver.py)") + prelude
+            + "from app.node.clientapp_shim import run_shim\n"
+            + f"code = run_shim({str(forkserver_socket)!r})\n"
+            + "if code is not None:\n    sys.exit(code)\n"
+            + "# the fork server is unreachable or refused: the gated ClientApp in this process, as without one\n"
+            + "from pathlib import Path\nfrom app.node.fab_allowlist import gated_clientapp\n" + gated)
+
+
+def _shim_header(what: str) -> str:
+    return f"#!{sys.executable}\n# written by `fedtune supernode` (app/node/fab_allowlist.py): {what}\n"
+
+
 @dataclass
 class TaskCommandGate:
     """The private directory holding a shim for every command a SuperNode's SuperExec starts:
-    `flwr-clientapp` with the bundle allowlist, every other one refused. `env` puts it first on PATH."""
+    `flwr-clientapp` with the bundle allowlist, every other one refused. `env` puts it first on PATH.
+    With `forkserver_command`, the ClientApp fork server the shim asks first (its socket is
+    `forkserver_socket`; `fedtune supernode` runs it, app/node/clientapp_forkserver.py)."""
 
     directory: Path
     env: dict[str, str]
+    forkserver_command: list[str] | None = None
+    forkserver_socket: Path | None = None
 
     @classmethod
-    def install(cls) -> TaskCommandGate:
+    def install(cls, forkserver: bool = False) -> TaskCommandGate:
         listed = site_approved()
         directory = Path(tempfile.mkdtemp(prefix="fedtune-tasks-"))  # 0700: only this node's user
-        header = f"#!{sys.executable}\n# written by `fedtune supernode` (app/node/fab_allowlist.py): "
+        own_hash_cache = directory / "own-app.sha256"
+        socket_path = directory / SOCKET_NAME if forkserver else None
         prelude = f"import sys\nfrom pathlib import Path\nsys.path.insert(0, {str(APP_ROOT)!r})\n"
-        shims = {
-            CLIENTAPP_COMMAND: header + "flwr-clientapp with the site's bundle allowlist\n" + prelude
-            + "from app.node.fab_allowlist import gated_clientapp\n"
-            + f"gated_clientapp(set({listed!r}), Path({str(directory / 'own-app.sha256')!r}))\n",
-        }
+        shims = {CLIENTAPP_COMMAND: clientapp_shim(listed, own_hash_cache, socket_path)}
         for command in REFUSED_TASK_COMMANDS:
-            shims[command] = (header + "a task this node does not run\n" + prelude
+            shims[command] = (_shim_header("a task this node does not run") + prelude
                               + f"from app.node.fab_allowlist import refuse_task\nsys.exit(refuse_task({command!r}, sys.argv[1:]))\n")
+        if socket_path is not None:
+            # Started like the shim (same interpreter, script directory and sys.path), so that its
+            # children see the modules and paths the shim's own process would.
+            shims[FORKSERVER_SCRIPT] = (
+                _shim_header("the ClientApp fork server of this node (app/node/clientapp_forkserver.py)") + prelude
+                + "from app.node.clientapp_forkserver import serve_gated\n"
+                + f"sys.exit(serve_gated({str(socket_path)!r}, set({listed!r}), {str(own_hash_cache)!r}))\n")
         for command, text in shims.items():
             shim = directory / command
             shim.write_text(text)
             shim.chmod(0o700)
         path = os.pathsep.join([str(directory), os.environ.get("PATH", "")])
-        return cls(directory, {"PATH": path})
+        if socket_path is None:
+            return cls(directory, {"PATH": path})
+        return cls(directory, {"PATH": path}, [str(directory / FORKSERVER_SCRIPT)], socket_path)
 
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -469,6 +469,8 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None, token_
     # `--gpus` ids are nvidia-smi's indices (what the launcher's memory plan reads): make CUDA
     # number the GPUs the same way rather than fastest-first.
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    from app.node.clientapp_forkserver import ForkServerKeeper, supernode_environment
+    from app.node.clientapp_forkserver import enabled as forkserver_enabled
     from app.node.fab_allowlist import TaskCommandGate, superexec_elsewhere
     from app.node.flwr_patches import PatchRefused, supernode_command
 
@@ -489,15 +491,20 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None, token_
         private_dir = tempfile.mkdtemp(prefix="fedtune-trainer-")  # mode 0700
         socket_path = os.path.join(private_dir, "trainer.sock")
     Path(socket_path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    gate = TaskCommandGate.install()  # ClientApp bundles the site approved, no other task (app/node/fab_allowlist.py)
+    # ClientApp bundles the site approved, no other task (app/node/fab_allowlist.py); ClientApps
+    # started warm by a fork server unless FEDTUNE_CLIENTAPP_FORKSERVER=0 (app/node/clientapp_forkserver.py).
+    gate = TaskCommandGate.install(forkserver=forkserver_enabled(os.environ))
     watchdog = _Watchdog(socket_path) if token_file is None else None
-    child = None
+    child = forkserver = None
     try:
         env = dict(os.environ, **{SOCKET_ENV: socket_path}, **gate.env)
         if token_file is not None:
             from app.training.node_tokens import TOKEN_ENV
 
             env[TOKEN_ENV] = os.path.abspath(token_file)
+        if gate.forkserver_command is not None:  # one environment for the SuperNode, its shims and the fork server
+            env = supernode_environment(env)
+            forkserver = ForkServerKeeper(gate.forkserver_command, env)
         # SIGTERM when the wrapper dies: it stops its own SuperExec and ClientApps.
         child = subprocess.Popen([*command, *flower_args], env=env, preexec_fn=die_with_parent(signal.SIGTERM))
 
@@ -514,10 +521,14 @@ def run_supernode(flower_args: list[str], socket_path: str | None = None, token_
                 child.kill()  # it ignored the signal: nobody else may be left to kill it (launcher gone)
             if watchdog is not None:
                 watchdog.check()
+            if forkserver is not None:
+                forkserver.check()
             time.sleep(0.5)
     finally:
         if child is not None:  # also when the wrapper itself fails: never leave the SuperNode behind
             _kill(child, grace=10)
+        if forkserver is not None:  # after the SuperNode: a ClientApp still running gets SIGTERM
+            forkserver.stop()
         if watchdog is not None:
             watchdog.stop()
         gate.close()
