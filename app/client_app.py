@@ -122,6 +122,8 @@ def train(msg: Message, context: Context) -> Message:
             # This node's clock (epoch s): the report aligns it with the ServerApp's.
             "t-process-start": _process_start_time(),
             "t-handler-start": handler_start,
+            # 1: forked warm by the node's fork server (app/node/clientapp_forkserver.py), 0: a cold start
+            "clientapp-forked": 1.0 if os.environ.get(PROCESS_START_TICKS_ENV) else 0.0,
         }
     )
     # The round's update relative to the adapter as received: see app/comm.py for why.

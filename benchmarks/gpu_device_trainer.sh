@@ -28,6 +28,7 @@ for phase in ${PHASES:-device nonresident}; do
   [ $code -eq 0 ] || status=$code
   grep -vE "^  \|" "$OUT/$phase.log" | tail -8
   run=$(ls -td "$WORK/results-$phase"/run-* 2>/dev/null | head -1)
-  [ -n "$run" ] && tar -czf "$OUT/$phase.tgz" -C "$run" --exclude 'peft_*' .
+  logs=$(ls -td "$WORK/results-$phase"/.local/*/logs 2>/dev/null | head -1)  # every process's log (no keys in them)
+  [ -n "$run" ] && tar -czf "$OUT/$phase.tgz" -C "$run" --exclude 'peft_*' . ${logs:+-C "$logs" .}
 done
 exit $status

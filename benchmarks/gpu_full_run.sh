@@ -73,7 +73,8 @@ if ev.is_file():
     for name, b in json.loads(ev.read_text()).get("datasets", {}).items():
         print(f"eval {name}: {b.get('questions')} questions in {b.get('seconds')} s")
 PY
-    tar -czf "$OUT/full.tgz" -C "$WORK" --exclude 'peft_*' --exclude '*.safetensors' full "results/$(basename "$run")"
+    logs=$(cd "$WORK" && ls -td results/.local/*/logs 2>/dev/null | head -1)  # every process's log (no keys in them)
+    tar -czf "$OUT/full.tgz" -C "$WORK" --exclude 'peft_*' --exclude '*.safetensors' full "results/$(basename "$run")" $logs
     ;;
   *) echo "usage: $0 start|wait"; exit 2 ;;
 esac

@@ -52,8 +52,10 @@ def summarize(records: list[dict]) -> dict:
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
+    clients = [c for r in records[1:] for c in r.get("clients", [])]
     return {
         "rounds": len(paths), "round_seconds": median(p["round_seconds"] for p in paths), "training": median(p["training"] for p in paths),
+        "forked_clientapps": sum(c.get("clientapp_forked", 0) for c in clients), "clientapps": len(clients),
         "head": {k: median(p["head"][k] for p in paths) for k in paths[0]["head"]},
         "gaps_sum": median(sum(p["gaps"]) for p in paths),
         "tail": {k: median(p["tail"][k] for p in paths) for k in paths[0]["tail"]},
@@ -64,7 +66,8 @@ def print_summary(s: dict) -> None:
     if not s:
         print("no steady round with training timestamps")
         return
-    print(f"steady rounds: {s['rounds']}, median round {s['round_seconds']:.2f} s, its trainings {s['training']:.2f} s")
+    print(f"steady rounds: {s['rounds']}, median round {s['round_seconds']:.2f} s, its trainings {s['training']:.2f} s; "
+          f"{s.get('forked_clientapps', 0):.0f} of {s.get('clientapps', 0)} ClientApps forked warm by their node's fork server")
     for part in ("head", "tail"):
         for name, value in s[part].items():
             print(f"  {part} {name:<28} {'-' if value is None else f'{value:6.2f}'} s")

@@ -125,6 +125,10 @@ def test_clientapps_start_from_their_nodes_fork_servers(finished_run):
     fallbacks = [line for line in text.splitlines() if "ClientApp fork server unavailable" in line]
     assert all("No such file or directory" in line or "Connection refused" in line for line in fallbacks), fallbacks
     assert len(fallbacks) < started, fallbacks
+    # and each client's line in metrics.jsonl says whether its ClientApp was forked warm
+    [metrics] = results.glob("run-*/metrics.jsonl")
+    forked = [c["clientapp_forked"] for line in metrics.read_text().splitlines() for c in json.loads(line)["clients"]]
+    assert forked and set(forked) <= {0.0, 1.0} and sum(forked) >= len(forked) - len(fallbacks)
 
 
 def test_no_process_left_behind(finished_run):

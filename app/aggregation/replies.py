@@ -24,7 +24,7 @@ State = Mapping[str, np.ndarray]
 CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples", "train-seconds", "clientapp-seconds", "model-load-seconds", "resident")
 KNOWN_METRICS = frozenset(CLIENT_METRICS) | {
     "skipped-rows", "client-round-seconds", "tokens", "steady-step-seconds", "t-train-start", "t-train-end", "t-process-start",
-    "t-turn-start", "t-turn-end",
+    "t-turn-start", "t-turn-end", "clientapp-forked",
     "t-handler-start", "t-reply", "gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples", "peak-gpu-bytes",
     "secagg-mask-seconds",
 }
