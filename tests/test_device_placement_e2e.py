@@ -121,7 +121,10 @@ def test_a_trainer_killed_mid_round_falls_back_and_is_replaced(tmp_path):
     """SIGKILL the device trainer while it serves a round: its queued and running requests train
     in-process, no round fails, the watchdog starts a new trainer and later rounds use it."""
     rounds = 5
-    proc = _launch(tmp_path, 3, rounds, "trainer.placement=device strategy.fraction-train=1.0", "--insecure")
+    # Trainings long enough that the round's requests queue: with warm ClientApp starts (the fork
+    # server) the tiny profile's 4 steps could end before the next node's request arrived.
+    proc = _launch(tmp_path, 3, rounds, "trainer.placement=device strategy.fraction-train=1.0 train.training-arguments.max-steps=40",
+                   "--insecure")
     killed: list[int] = []
 
     def kill_when_busy(line):
