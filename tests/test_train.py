@@ -161,9 +161,11 @@ def test_an_adapter_of_another_shape_or_key_set_is_refused(tiny):
     settings, _, _ = tiny
     model = build_peft_model(settings.model, seed=0)
     state = adapter_state(model)
-    key = next(iter(state))
+    key, last = next(iter(state)), list(state)[-1]
     with pytest.raises(ValueError, match="shape"):
         load_adapter_state(model, {**state, key: torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match="shape"):  # only the last tensor wrong: the others must not load either
+        load_adapter_state(model, {**{k: v + 1 for k, v in state.items()}, last: torch.zeros(3, 3)})
     with pytest.raises(ValueError, match="missing"):
         load_adapter_state(model, {k: v for k, v in state.items() if k != key})
-    assert torch.equal(adapter_state(model)[key], state[key])  # nothing was half-loaded by the refused ones
+    assert all(torch.equal(v, state[k]) for k, v in adapter_state(model).items())  # nothing was half-loaded by the refused ones

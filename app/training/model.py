@@ -145,10 +145,11 @@ def load_adapter_state(model, state: dict[str, torch.Tensor]) -> None:
     if set(state) != set(params):
         missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         raise ValueError(f"adapter does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for key, param in params.items():  # every shape checked before any is loaded: never half a load
+        if tuple(state[key].shape) != tuple(param.shape):
+            raise ValueError(f"adapter tensor {key}: shape {tuple(state[key].shape)}, the model's is {tuple(param.shape)}")
     with torch.no_grad():
         for key, param in params.items():
-            if tuple(state[key].shape) != tuple(param.shape):
-                raise ValueError(f"adapter tensor {key}: shape {tuple(state[key].shape)}, the model's is {tuple(param.shape)}")
             param.copy_(state[key])
 
 
