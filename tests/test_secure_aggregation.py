@@ -416,7 +416,7 @@ def test_an_out_of_range_masked_input_is_refused_and_its_node_excluded(tmp_path,
 def unclipped():
     """The node's clipping switched off (a hostile node's code)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(secagg_node, "clip", lambda update, norm, bound: (dict(update), 1.0))
+        patch.setattr(secagg_node, "clip_scale", lambda norm, bound: 1.0)
         yield
 
 
@@ -495,7 +495,7 @@ def test_masked_inputs_are_uniform_over_the_ring_and_uncorrelated_with_the_updat
         update = {"x": np.linspace(0, 0.5, 65_536, dtype=np.float32) * (1 + int(context.node_config["partition-id"]))}
         with pytest.MonkeyPatch.context() as patch:
             quantize = ring.quantize
-            patch.setattr(ring, "quantize", lambda *a: quantized.setdefault(context.node_id, quantize(*a)))
+            patch.setattr(ring, "quantize", lambda *a, **k: quantized.setdefault(context.node_id, quantize(*a, **k)))
             arrays = secagg_node.masked_update(update, 10.0, msg.content, context, 0.0)
         return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(fake_round(msg, context)[1] | {"num-examples": 10.0})}), reply_to=msg)
 
@@ -631,6 +631,24 @@ def test_n_nodes_at_the_grid_edge_sum_without_overflow():
         assert np.allclose(ring.dequantize_sum(total, 1.0, levels), nodes * edge, atol=nodes / levels)
         digits = sum(ring.weight_digits(2**32 - 1) for _ in range(nodes)).astype(np.uint16)
         assert ring.digits_total(digits.view(np.int16)) == nodes * (2**32 - 1)
+
+
+def test_values_beyond_the_range_land_on_the_grid_edge_and_never_wrap():
+    levels = ring.levels(3)
+    beyond = np.array([5.0, -5.0, 1e30, -3.4e38, 1.0, -1.0])
+    assert ring.quantize(beyond, 1.0, levels, np.random.default_rng(0)).view(np.int16).tolist() == [levels, -levels] * 3
+
+
+def test_quantize_scales_and_noises_every_value_of_every_array_in_its_pass():
+    rng, levels = np.random.default_rng(3), ring.levels(3)
+    # Two arrays read as one vector, across the chunks' edges.
+    values = [np.full(3 * ring.CHUNK + 5, 0.1, np.float32), np.full(ring.CHUNK + 7, -0.2, np.float32)]
+    got = ring.quantize(values, 1.0, levels, rng, scale=0.5, noise_std=0.01).view(np.int16) / levels
+    first, second = got[:values[0].size], got[values[0].size:]
+    assert got.size == sum(v.size for v in values)
+    assert first.mean() == pytest.approx(0.05, abs=2e-4) and second.mean() == pytest.approx(-0.1, abs=2e-4)
+    assert first.std() == pytest.approx(0.01, rel=0.03) and second.std() == pytest.approx(0.01, rel=0.03)
+    assert ring.quantize(values, 1.0, levels, rng, scale=0.5).view(np.int16)[-1] / levels == pytest.approx(-0.1, abs=1 / levels)
 
 
 def test_stochastic_rounding_keeps_values_below_half_a_step():

@@ -75,11 +75,16 @@ def round_norm_bound(fixed: float, recipe: float, median_multiple: float, norms:
     return bound
 
 
+def clip_scale(norm: float, bound: float) -> float:
+    """The factor that brings an update of L2 norm `norm` into `bound` (1.0: it is within)."""
+    return 1.0 if norm <= bound else bound / norm
+
+
 def clip(update: State, norm: float, bound: float) -> tuple[dict[str, np.ndarray], float]:
     """`update` scaled into the bound, and the factor applied (1.0: unchanged)."""
-    if norm <= bound:
+    scale = clip_scale(norm, bound)
+    if scale == 1.0:
         return dict(update), 1.0
-    scale = bound / norm
     return {k: (v * np.float32(scale)).astype(np.float32) for k, v in update.items()}, scale
 
 

@@ -44,9 +44,9 @@ from flwr.common.secure_aggregation.crypto.shamir import create_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
 
-from app.aggregation.bounds import clip, update_norm
+from app.aggregation.bounds import clip_scale, update_norm
 from app.privacy import ring
-from app.privacy.dp import add_gaussian, node_noise_std
+from app.privacy.dp import node_noise_std
 from app.privacy.secagg_records import (
     CURVE, MAX_CIPHERTEXT_BYTES, PUBLIC_KEY_BYTES, RECORD, SHARE_BYTES, Announcement, ProtocolError, byte_strings,
     content_of, encode_public_key, masked_array, node_ids, public_key,
@@ -133,20 +133,20 @@ def masked_update(update: Mapping[str, np.ndarray], num_examples: float, content
     norm = update_norm(update)
     if not np.isfinite(norm):  # a failed round: sent masked, nobody could tell it from a good one
         raise ProtocolError("this node's update is not finite: it is not sent")
-    clipped, _ = clip(update, norm, announced.norm_bound)
     weight = min(int(num_examples), announced.max_weight)
+    noise_std = node_noise_std(noise_multiplier, announced.norm_bound, announced.max_weight, announced.min_nodes) if noise_multiplier > 0 else 0.0
     rng = np.random.default_rng(secrets.randbits(128))  # never the run's seed: nobody may predict the rounding or the noise
-    weighted = {k: np.asarray(v, np.float32) * np.float32(weight) for k, v in clipped.items()}
-    if noise_multiplier > 0:
-        weighted = add_gaussian(weighted, node_noise_std(noise_multiplier, announced.norm_bound, announced.max_weight, announced.min_nodes), rng)
-    flat = np.concatenate([np.ravel(v) for v in weighted.values()]).astype(np.float64) / announced.max_weight
-    vector = np.concatenate([ring.quantize(flat, announced.value_range, announced.grid_levels, rng), ring.weight_digits(weight)])
+    # Clipped to the norm bound, weighted by its examples (capped), noised, over the max weight: in one pass.
+    values = ring.quantize(update.values(), announced.value_range, announced.grid_levels, rng,
+                           scale=clip_scale(norm, announced.norm_bound) * weight / announced.max_weight,
+                           noise_std=noise_std / announced.max_weight)
+    vector = np.concatenate([values, ring.weight_digits(weight)])
     vector += ring.mask(held["seed"], vector.size)
     mask_key = private_key(held["mask-key"])
     for peer, (pk_s,) in keys.items():
         if peer != context.node_id:
             pair_mask = ring.mask(pairwise_seed(mask_key, public_key(pk_s, "pk_s")), vector.size)
-            vector = vector + pair_mask if context.node_id < peer else vector - pair_mask
+            (np.add if context.node_id < peer else np.subtract)(vector, pair_mask, out=vector)
     return masked_array(vector)
 
 
