@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from app import comm
 from app.config import load_settings
-from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
+from app.node.clientapp_shim import PROCESS_START_TICKS_ENV, PULLED_AT_ENV
 from app.privacy import secagg_node
 from app.training.node_tokens import read_token
 from app.training.trainer_service import SOCKET_ENV, TrainerUnavailable, call_trainer, request_timeout, trainer_id
@@ -122,6 +122,8 @@ def train(msg: Message, context: Context) -> Message:
             # This node's clock (epoch s): the report aligns it with the ServerApp's.
             "t-process-start": _process_start_time(),
             "t-handler-start": handler_start,
+            # When this process had its message and bundle (the bundle check's time; absent without the gate)
+            **({"t-pulled": float(os.environ[PULLED_AT_ENV])} if PULLED_AT_ENV in os.environ else {}),
             # 1: forked warm by the node's fork server (app/node/clientapp_forkserver.py), 0: a cold start
             "clientapp-forked": 1.0 if os.environ.get(PROCESS_START_TICKS_ENV) else 0.0,
         }

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 HEAD = (("send", "t_start", "t_sent"), ("delivery + ClientApp start", "t_sent", "t_process_start"),
-        ("ClientApp init", "t_process_start", "t_handler_start"), ("to the trainer", "t_handler_start", "t_turn_start"),
+        ("ClientApp start + pull", "t_process_start", "t_pulled"), ("bundle check + app load", "t_pulled", "t_handler_start"),
+        ("to the trainer", "t_handler_start", "t_turn_start"),
         ("trainer: before training", "t_turn_start", "t_train_start"))
 TAIL = (("trainer: after training", "t_train_end", "t_turn_end"), ("node: reply built", "t_turn_end", "t_reply"),
         ("upload + receive", "t_reply", "t_received"), ("wait + aggregate", "t_received", "t_end"))

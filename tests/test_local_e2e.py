@@ -127,8 +127,11 @@ def test_clientapps_start_from_their_nodes_fork_servers(finished_run):
     assert len(fallbacks) < started, fallbacks
     # and each client's line in metrics.jsonl says whether its ClientApp was forked warm
     [metrics] = results.glob("run-*/metrics.jsonl")
-    forked = [c["clientapp_forked"] for line in metrics.read_text().splitlines() for c in json.loads(line)["clients"]]
+    clients = [c for line in metrics.read_text().splitlines() for c in json.loads(line)["clients"]]
+    forked = [c["clientapp_forked"] for c in clients]
     assert forked and set(forked) <= {0.0, 1.0} and sum(forked) >= len(forked) - len(fallbacks)
+    # and when it had pulled its message, between its start and its handler (the bundle check's time)
+    assert all(c["t_process_start"] - 0.01 <= c["t_pulled"] <= c["t_handler_start"] for c in clients), clients
 
 
 def test_no_process_left_behind(finished_run):

@@ -25,7 +25,7 @@ CLIENT_METRICS = ("partition-id", "train-loss", "proximal-term", "num-examples",
 KNOWN_METRICS = frozenset(CLIENT_METRICS) | {
     "skipped-rows", "client-round-seconds", "tokens", "steady-step-seconds", "t-train-start", "t-train-end", "t-process-start",
     "t-turn-start", "t-turn-end", "clientapp-forked",
-    "t-handler-start", "t-reply", "gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples", "peak-gpu-bytes",
+    "t-pulled", "t-handler-start", "t-reply", "gpu-mem-peak-bytes", "gpu-mem-mean-bytes", "gpu-util-mean", "gpu-samples", "peak-gpu-bytes",
     "secagg-mask-seconds",
 }
 # A newer ClientApp's metrics still reach metrics.jsonl, a few and short-named (a node choosing

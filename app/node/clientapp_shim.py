@@ -22,6 +22,9 @@ import sys
 # The ClientApp's process start for its metrics: the shim's, in clock ticks since boot
 # (/proc/PID/stat field 22), set by the fork server's child (app/client_app.py reads it).
 PROCESS_START_TICKS_ENV = "FEDTUNE_CLIENTAPP_START_TICKS"
+# When the ClientApp had pulled its message and bundle from the SuperNode (epoch s), set by the
+# bundle check (app/node/fab_allowlist.py) for the handler's `t-pulled`.
+PULLED_AT_ENV = "FEDTUNE_CLIENTAPP_PULLED_AT"
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 CONNECT_SECONDS = 5.0  # a Unix connect is immediate unless the fork server's backlog is full
 FIRST_REPLY_SECONDS = 20.0  # request to child pid: a fork of a ~200 MB process takes milliseconds

@@ -40,6 +40,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +102,11 @@ def gated_clientapp(site_listed: set[str], own_hash_cache: Path, process_start_t
     """flwr's `flwr-clientapp`, with the bundle checked before it is installed: its SHA-256 must
     be this installation's own app or one the site listed. `process_start_ticks`: when this
     process is the fork server's child, its shim's start (the ClientApp's `t_process_start`)."""
-    from app.node.clientapp_shim import PROCESS_START_TICKS_ENV
+    from app.node.clientapp_shim import PROCESS_START_TICKS_ENV, PULLED_AT_ENV
     from app.node.flwr_patches import import_clientapp_command
 
     os.environ.pop(PROCESS_START_TICKS_ENV, None)  # only ever this process's own shim's
+    os.environ.pop(PULLED_AT_ENV, None)
     if process_start_ticks is not None:
         os.environ[PROCESS_START_TICKS_ENV] = str(process_start_ticks)
 
@@ -116,6 +118,7 @@ def gated_clientapp(site_listed: set[str], own_hash_cache: Path, process_start_t
         sys.exit("fedtune: flwr's ClientApp runtime has no install_from_fab to guard; refusing to run any bundle")
 
     def checked_install(fab_content: bytes, *args, **kwargs):
+        os.environ[PULLED_AT_ENV] = repr(time.time())  # flwr installs the bundle right after pulling the task
         digest = fab_sha256(fab_content)
         if digest not in site_listed and digest != _own_fab_sha256_cached(own_hash_cache):
             raise FabRefused(f"app bundle sha256 {digest} is not approved by this site "

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TEXT_LIMIT = 300  # characters of a node-chosen string (a failure reason, a node name) shown
-NODE_EVENTS = ("t_process_start", "t_handler_start", "t_turn_start", "t_train_start", "t_train_end", "t_turn_end", "t_reply")
+NODE_EVENTS = ("t_process_start", "t_pulled", "t_handler_start", "t_turn_start", "t_train_start", "t_train_end", "t_turn_end", "t_reply")
 SERVER_EVENTS = ("t_sent", "t_received")
 GPU_FIELDS = ("gpu_mem_peak_bytes", "gpu_mem_mean_bytes", "gpu_util_mean", "gpu_samples")
 ROUND_LIMIT = 2**31  # a round number beyond this is not one

@@ -60,6 +60,7 @@ DURATIONS = (
     ("server: sent to received", "t_sent", "t_received"),
     ("node: process start to reply", "t_process_start", "t_reply"),
     ("node: ClientApp init", "t_process_start", "t_handler_start"),
+    ("of it: start and pull of the message", "t_process_start", "t_pulled"),
     ("node: prepare", "t_handler_start", "t_train_start"),
     ("of it: waits for its trainer", "t_handler_start", "t_turn_start"),
     ("node: training", "t_train_start", "t_train_end"),
