@@ -125,6 +125,8 @@ def test_clientapps_start_from_their_nodes_fork_servers(finished_run):
     fallbacks = [line for line in text.splitlines() if "ClientApp fork server unavailable" in line]
     assert all("No such file or directory" in line or "Connection refused" in line for line in fallbacks), fallbacks
     assert len(fallbacks) < started, fallbacks
+    # The launcher hashed the app once and listed it for its nodes: no ClientApp built the bundle to hash it.
+    assert "hashed this node's own app bundle" not in text
     # and each client's line in metrics.jsonl says whether its ClientApp was forked warm
     [metrics] = results.glob("run-*/metrics.jsonl")
     clients = [c for line in metrics.read_text().splitlines() for c in json.loads(line)["clients"]]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 
 from app.deploy.certs import CertPaths, ensure_certs, flower_tls_args
 from app.config import ASSIGNED_GPU_ENV, ConfigError, Settings, load_settings, parse_overrides, with_explicit_keys
+from app.node.fab_allowlist import ALLOWED_FABS_ENV, own_fab_sha256
 from app.node.flwr_patches import GPU_POLL_SECONDS, POLL_ENV
 from app.node.lifeline import die_with_parent
 from app.results.metrics import read_jsonl_from
@@ -680,6 +682,12 @@ def local_up(args) -> int:
     log_dir.mkdir()
     print(f"logs: {log_dir}", flush=True)
     env = flower_env(work / "flwr-home")
+    # The nodes' own app is this installation's: hashed once, here, while the SuperLink starts, and
+    # listed for them, instead of by each node's first ClientApp (flwr's build walks the whole
+    # checkout: ~4 s with a .venv in it on a 2-core host, per node).
+    pool = ThreadPoolExecutor(1)
+    own_app = pool.submit(own_fab_sha256)
+    pool.shutdown(wait=False)  # the hash is still computed; read before the nodes start
     # a local launch is its own site: its nodes may read what its command line names
     env[READ_DIRS_ENV] = os.pathsep.join([*(str(Path(v).expanduser().resolve().parent) for _, v in run_reads(settings)),
                                           os.environ.get(READ_DIRS_ENV, "")])
@@ -717,8 +725,10 @@ def local_up(args) -> int:
             trainers.start(federation, env)
         if paths is not None:  # only registered keys may join: register before the nodes start
             register_nodes(paths, args.supernodes, address, env)
+        listed = " ".join(filter(None, [env.get(ALLOWED_FABS_ENV, "").strip(), own_app.result()]))
         for i in range(args.supernodes):
             node_env = dict(env, FLWR_HOME=str(work / f"node-{i}"))
+            node_env[ALLOWED_FABS_ENV] = listed
             if gpus:
                 node_env["CUDA_VISIBLE_DEVICES"] = node_env[ASSIGNED_GPU_ENV] = gpus[i % len(gpus)]
                 node_env.setdefault(POLL_ENV, GPU_POLL_SECONDS)  # set empty: Flower's own 3 s (app/node/flwr_patches.py)

@@ -91,7 +91,11 @@ def _own_fab_sha256_cached(cache: Path) -> str:
     gate directory (the wrapper itself stays small: it never imports flwr)."""
     if cache.exists():
         return cache.read_text().strip()
+    started = time.monotonic()
     digest = own_fab_sha256()
+    # Seconds of a ClientApp's start (flwr's build walks the whole installation): `fedtune local
+    # up` lists the hash for its nodes so that none of them pays this.
+    print(f"fedtune: hashed this node's own app bundle for the bundle check ({time.monotonic() - started:.1f} s)", file=sys.stderr, flush=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(digest)
     os.replace(tmp, cache)
