@@ -105,3 +105,19 @@ def test_a_node_parses_the_announcement_or_refuses_it(field, value):
         return
     assert parsed.grid_levels == ring.levels(len(parsed.nodes)) and len(parsed.nodes) // 2 < parsed.threshold
     assert np.isfinite(parsed.value_range) and parsed.value_range > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), max_size=40), min_size=1, max_size=4),
+       st.floats(1e-3, 1e3), st.integers(1, ring.MAX_ROUND_NODES), st.floats(1e-6, 1e6))
+def test_quantize_keeps_any_finite_values_on_the_grid_within_one_step(arrays, scale, nodes, value_range):
+    """Whatever finite values, scale, node count and range: every value becomes one ring element
+    in [-L, L] (the sum of n of them cannot overflow), at most one grid step from its clipped value."""
+    values = [np.array(a, np.float32) for a in arrays]
+    levels = ring.levels(nodes)
+    got = ring.quantize(values, value_range, levels, np.random.default_rng(0), scale=scale).view(np.int16).astype(np.float64)
+    flat = np.concatenate(values).astype(np.float64)
+    assert got.size == flat.size
+    assert np.all(np.abs(got) <= levels)
+    target = np.clip(flat * scale, -value_range, value_range) * (levels / value_range)
+    assert np.all(np.abs(got - target) <= 1 + 1e-3 * np.maximum(1, np.abs(target)))
