@@ -69,7 +69,7 @@ def initial_adapter(msg: Message, context: Context) -> Message:
     if socket_path := _trainer_socket(settings.trainer.resident):
         try:
             _, adapter = call_trainer(socket_path, _with_token({"op": "init", "run_config": run_config}), None, settings.trainer.connect_timeout,
-                                      request_timeout(settings, "init"))
+                                      request_timeout(settings, "init"), wait_for_restart=True)
         except TrainerUnavailable as exc:
             log.warning("%s; initialising in-process", exc)
     if adapter is None:
@@ -108,7 +108,7 @@ def train(msg: Message, context: Context) -> Message:
         })
         try:
             reply, adapter = call_trainer(socket_path, header, global_adapter, settings.trainer.connect_timeout,
-                                          request_timeout(settings, "train"))
+                                          request_timeout(settings, "train"), wait_for_restart=True)
             metrics, resident, ran_on = reply["metrics"], 1.0, str(reply.get("trainer_id", ran_on))
         except TrainerUnavailable as exc:
             log.warning("%s; training in-process", exc)

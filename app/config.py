@@ -142,6 +142,7 @@ class TrainerSettings(_Section):
     # CPU) serving every SuperNode placed on it in turn (app/training/device_trainer.py). The
     # launcher's GPU memory plan picks "device" when per-node residents do not fit.
     placement: Literal["node", "device"] = "node"
+    # How long a ClientApp waits for its trainer to listen (a restarted one binds within seconds).
     connect_timeout: float = Field(5.0, gt=0.0)
     # A resident trainer that takes longer than load-seconds + steps x step-seconds for a round
     # counts as hung: its ClientApp trains in-process, its SuperNode restarts it

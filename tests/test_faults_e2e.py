@@ -93,11 +93,17 @@ def test_killed_supernode_and_trainer(tmp_path):
     assert lost["bytes_down"] == 2 * down and lost["bytes_up"] == 2 * up
     assert lost["bytes_down_unconfirmed"] == down
     assert later[-1]["cumulative_mib"] * 2**20 == sum(r["bytes_round"] for r in (first, lost, third, *later))
-    # Through the SuperLink's restart the nodes reconnected by themselves and replied; node 2
-    # trained with its restarted trainer (a fresh model load).
+    # Through the SuperLink's restart the nodes reconnected by themselves and replied.
     assert third["status"] == "aggregated" and third["failures"] == 0
-    node2 = next(c for c in third["clients"] if c["partition_id"] == 2)
-    assert node2["resident"] and node2["model_load_seconds"] > 0
+    # Node 2 replied every round after its trainer's death. Its round-3 request may have been served
+    # just before the kill, or been in flight (then it trained in-process); a request that came while
+    # the trainer restarted waited for it. From then on the restarted trainer serves node 2, its
+    # first round paying a fresh model load.
+    node2 = [c for r in (third, *later) for c in r["clients"] if c["partition_id"] == 2]
+    assert len(node2) == 1 + len(later)
+    restarted = [c for c in node2 if c["resident"] and c["trainer_id"] != f"node:cpu:{trainer.pid}"]
+    assert restarted and restarted[0]["model_load_seconds"] > 0, node2
+    assert all(c["resident"] for c in node2[1:]), node2
     # The restarted node is back (rejoining may take up to a minute: it may miss round 3, on a loaded
     # host round 4 too), and nothing failed after the SuperLink's restart.
     assert all(r["failures"] == 0 for r in later)

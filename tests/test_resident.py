@@ -68,6 +68,38 @@ def test_missing_trainer_is_unavailable(tmp_path):
         call_trainer(str(tmp_path / "nothing.sock"), {"op": "init", "run_config": RUN_CONFIG}, None, 1.0)
 
 
+def test_a_work_request_waits_for_a_restarting_trainer(tmp_path):
+    # The watchdog unlinks a dead trainer's socket and starts a new process that binds it seconds
+    # later: a ClientApp's request waits for it (up to the connect timeout) instead of loading a
+    # second model in-process. A socket nobody listens on (the dead one's) is waited for too.
+    path = tmp_path / "trainer.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.close()  # bound, never listening: connections are refused
+    with pytest.raises(TrainerUnavailable):  # without waiting: at once
+        call_trainer(str(path), {"op": "ping"}, None, 5.0, 5.0)
+    restarted: list[TrainerServer] = []
+
+    def restart():
+        time.sleep(1.0)
+        restarted.append(TrainerServer(path))  # replaces the dead socket, as a restarted trainer does
+        restarted[0].serve_forever()
+
+    threading.Thread(target=restart, daemon=True).start()
+    started = time.monotonic()
+    try:
+        reply, _ = call_trainer(str(path), {"op": "ping"}, None, 10.0, 5.0, wait_for_restart=True)
+        assert "busy_seconds" in reply and 1.0 <= time.monotonic() - started < 10.0
+    finally:
+        for server in restarted:
+            server.stop()
+    # ... but not past the connect timeout.
+    started = time.monotonic()
+    with pytest.raises(TrainerUnavailable):
+        call_trainer(str(tmp_path / "nothing.sock"), {"op": "ping"}, None, 1.0, 1.0, wait_for_restart=True)
+    assert 0.9 <= time.monotonic() - started < 3.0
+
+
 def test_wrapper_exports_socket_and_cleans_up(tmp_path, monkeypatch):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

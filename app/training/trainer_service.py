@@ -83,17 +83,41 @@ def recv_message(conn: socket.socket) -> tuple[dict[str, Any], dict]:
 # --- client side (inside the ClientApp process) -------------------------------------------
 
 
-def call_trainer(path: str, header: dict[str, Any], tensors: dict | None, connect_timeout: float, read_timeout: float | None = None):
+def _connect(path: str, timeout: float, wait: bool) -> socket.socket:
+    """A connection to the trainer's socket; with `wait`, a missing or refusing socket (a trainer
+    being restarted after a crash: the watchdog unlinks the old socket, the new process binds it
+    within seconds) is tried again until `timeout` has passed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(max(deadline - time.monotonic(), CONNECT_RETRY_SECONDS))
+        try:
+            conn.connect(path)
+            return conn
+        except OSError as exc:
+            conn.close()
+            not_listening = isinstance(exc, (FileNotFoundError, ConnectionRefusedError))
+            if not (wait and not_listening) or time.monotonic() + CONNECT_RETRY_SECONDS > deadline:
+                raise
+        time.sleep(CONNECT_RETRY_SECONDS)
+
+
+def call_trainer(path: str, header: dict[str, Any], tensors: dict | None, connect_timeout: float, read_timeout: float | None = None,
+                 *, wait_for_restart: bool = False):
     """Send one request; TrainerUnavailable if the trainer cannot be reached, dies mid-way, or
     does not answer in time (a hung trainer: its watchdog kills it; the caller trains
-    in-process meanwhile). A work request waits its turn in the trainer's queue: while it waits
-    the trainer says so every QUEUE_HEARTBEAT_SECONDS, and only QUEUE_SILENCE_SECONDS without a
-    word count as a hang. `read_timeout` counts from the moment its turn starts (the trainer's
-    `started`), not from the send; the trainer learns the deadline too."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    in-process meanwhile). With `wait_for_restart` (a ClientApp's work request), a trainer that
+    is not listening is waited for up to `connect_timeout`: one restarting after a crash is back
+    in seconds, and training in-process meanwhile would load a second model beside it. A work
+    request waits its turn in the trainer's queue: while it waits the trainer says so every
+    QUEUE_HEARTBEAT_SECONDS, and only QUEUE_SILENCE_SECONDS without a word count as a hang.
+    `read_timeout` counts from the moment its turn starts (the trainer's `started`), not from
+    the send; the trainer learns the deadline too."""
     try:
-        conn.settimeout(connect_timeout)
-        conn.connect(path)
+        conn = _connect(path, connect_timeout, wait_for_restart)
+    except OSError as exc:
+        raise TrainerUnavailable(f"resident trainer at {path}: {exc}") from exc
+    try:
         conn.settimeout(QUEUE_SILENCE_SECONDS if read_timeout is None else min(read_timeout, QUEUE_SILENCE_SECONDS))
         send_message(conn, dict(header, timeout=read_timeout), tensors)
         while True:
@@ -339,6 +363,7 @@ def trainer_id(placement: str, pid: int | None) -> str:
 # hears nothing for QUEUE_SILENCE_SECONDS before its turn counts the trainer as hung.
 QUEUE_HEARTBEAT_SECONDS = 2.0
 QUEUE_SILENCE_SECONDS = 30.0
+CONNECT_RETRY_SECONDS = 0.1
 TRAINER_START_SECONDS = 60.0
 # Watchdog (in the SuperNode wrapper): ping the trainer every WATCHDOG_SECONDS; kill and restart
 # it when PING_MISSES pings in a row get no answer within PING_TIMEOUT_SECONDS (it hangs so hard
