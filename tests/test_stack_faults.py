@@ -88,6 +88,7 @@ def test_stack_survives_node_crash_superlink_restart_and_serverapp_loss(images, 
         crashed = stack.container(f"supernode-{CRASHED}")
         _wait("supernode-1 training in round 1", stack, deadline, lambda: f"supernode-{CRASHED}" in stack.training() or _rounds(run_dir))
         assert not _rounds(run_dir), "round 1 ended before supernode-1 could be crashed in it"
+        crashed_at = time.time()
         stack.crash(f"supernode-{CRASHED}")
         _wait("supernode-1 restarted by its policy", stack, deadline,
               lambda: crashed.reload() or (crashed.attrs["RestartCount"] >= 1 and crashed.status == "running"))
@@ -110,7 +111,7 @@ def test_stack_survives_node_crash_superlink_restart_and_serverapp_loss(images, 
         second_dir = next(p for p in results.glob("run-*") if p != run_dir)
         second = _rounds(second_dir)
         summary = json.loads((second_dir / "summary.json").read_text())
-        logs = {i: stack.logs(f"supernode-{i}", tail=400) for i in (CORRUPT_CACHE, NO_GPU)}
+        logs = {i: stack.logs(f"supernode-{i}", tail=400) for i in (CRASHED, CORRUPT_CACHE, NO_GPU)}
     finally:
         stack.down()
 
@@ -124,7 +125,8 @@ def test_stack_survives_node_crash_superlink_restart_and_serverapp_loss(images, 
 
     # the crash cost round 1 one reply, and the node trained again after its restart
     trained = [{c["partition_id"] for c in r["clients"]} for r in second]
-    assert CRASHED not in trained[0] and any(CRASHED in t for t in trained[1:]), trained
+    rounds = [(r["round"], r.get("t_end"), sorted(t), {f["node"]: f["reason"][:120] for f in r["failed"]}) for r, t in zip(second, trained)]
+    assert CRASHED not in trained[0] and any(CRASHED in t for t in trained[1:]), (f"crashed at {crashed_at:.0f}", rounds, logs[CRASHED][-6000:])
     assert {0, 2} <= trained[0] and all({0, 2} <= t for t in trained), trained
     # the broken nodes never trained; every round names them and says why
     assert not any(t & {CORRUPT_CACHE, NO_GPU} for t in trained), trained
