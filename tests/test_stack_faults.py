@@ -21,6 +21,7 @@ import json
 import os
 import time
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,7 @@ from app.deploy.smoke import AFTER_RUN, Stack, _ensure_results_dir
 from test_stack_docker import CLIENT, engine, images  # noqa: F401 - module fixtures
 
 NODES, ROUNDS, CRASHED, CORRUPT_CACHE, NO_GPU = 5, 6, 1, 3, 4
+REJOINED_SECONDS = 15
 PROJECT = "fedtune-test-faults"
 RUN_CONFIG = "strategy.fraction-train=1.0 strategy.round-timeout=90 train.save-every-round=2"
 
@@ -47,6 +49,15 @@ def _wait(what: str, stack: Stack, deadline: float, condition):
         assert time.monotonic() < deadline, f"timed out waiting for {what}\n" + stack.failure_report(stack.failed_services())
         time.sleep(1)
     return value
+
+
+def _running_for(container, seconds: float) -> bool:
+    """Whether the container has been running for `seconds`: a SuperNode whose activation the
+    SuperLink refuses exits within seconds of its start."""
+    container.reload()
+    state = container.attrs["State"]
+    started = datetime.fromisoformat(state["StartedAt"][:19]).replace(tzinfo=timezone.utc)
+    return state["Status"] == "running" and (datetime.now(timezone.utc) - started).total_seconds() >= seconds
 
 
 def _corrupt_cache(tmp_path: Path, volume: str) -> Path:
@@ -103,6 +114,10 @@ def test_stack_survives_node_crash_superlink_restart_and_serverapp_loss(images, 
         run_service = stack.container("run")
         _wait("the run service to give up", stack, deadline, lambda: run_service.reload() or run_service.status == "exited")
         assert run_service.attrs["State"]["ExitCode"] != 0
+        # The crashed node rejoins once the SuperLink has seen its old session's heartbeats stop (up
+        # to a minute); until then each restart is refused, and Docker's back-off between restarts
+        # doubles. Resume only once it is back, so that the resumed rounds can sample it.
+        _wait("supernode-1 back in the federation", stack, deadline, lambda: _running_for(crashed, REJOINED_SECONDS))
         stack.env["FEDTUNE_RESUME_FROM"] = "latest"
         resumed = stack.compose("up", "--exit-code-from", "report", capture=True, timeout=max(deadline - time.monotonic(), 60), check=False)
         assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:] + stack.failure_report(stack.failed_services())
